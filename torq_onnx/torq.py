@@ -1,0 +1,451 @@
+"""TORQ rotation solvers (pure numpy, deterministic).
+
+Conventions (used everywhere in torq-onnx, including the runtime op and weight folding):
+an activation ``x`` of length ``D = 32 * B`` is viewed as ``X`` of shape ``[B, 32]``
+(``X[b, k] = x[32 b + k]``, one MX block per row). The deployed transform is
+
+    Z = R_inter @ X @ R_intra        (then MXFP4 on the rows of Z)
+
+i.e. ``z = Q x`` with ``Q = kron(R_inter, R_intra.T)``. ``R_inter`` (B x B) mixes blocks
+at each in-block position; ``R_intra`` (32 x 32) mixes positions inside every block.
+A following ``MatMul(x, W)`` keeps its function with ``W' = Q W`` (see
+:func:`fold_into_weight`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from torq_onnx import mxfp4
+from torq_onnx.mxfp4 import BLOCK_SIZE
+
+N_CODES = 8  # FP4 magnitude codewords
+
+
+# ---------------------------------------------------------------- shared helpers
+def check_finite(name: str, a: np.ndarray) -> None:
+    """Raise a clear ValueError if ``a`` holds NaN or Inf (calibration data, covariances)."""
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(f"{name} contains {int(bad.sum())} NaN/Inf value(s) out of {a.size}; calibration data must be finite")
+
+
+def n_blocks(d: int) -> int:
+    if d % BLOCK_SIZE or d == 0:
+        raise ValueError(f"hidden size {d} is not a positive multiple of the MX block size {BLOCK_SIZE}")
+    return d // BLOCK_SIZE
+
+
+def apply_rotation(x: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
+    """``z = Q x`` for every row vector of ``x`` ([..., D]), computed blockwise."""
+    d = x.shape[-1]
+    b = n_blocks(d)
+    if r_inter.shape != (b, b) or r_intra.shape != (BLOCK_SIZE, BLOCK_SIZE):
+        raise ValueError(f"rotation shapes {r_inter.shape}, {r_intra.shape} do not fit D={d} (B={b})")
+    blocks = x.reshape(*x.shape[:-1], b, BLOCK_SIZE)
+    y = np.matmul(r_inter.astype(np.result_type(x, r_inter)), blocks)
+    return np.matmul(y, r_intra).reshape(x.shape)
+
+
+def fold_into_weight(w: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
+    """``W' = Q W`` for a MatMul weight ``W`` [D, N], so that ``(Q x) @ W' == x @ W``."""
+    return apply_rotation(w.T, r_inter, r_intra).T
+
+
+def full_rotation(r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
+    """Dense ``Q = kron(R_inter, R_intra.T)`` (D x D); for tests and small D only."""
+    return np.kron(r_inter, r_intra.T)
+
+
+def orthogonality_error(r: np.ndarray) -> float:
+    return float(np.abs(r @ r.T - np.eye(r.shape[0])).max())
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Normalized Sylvester Hadamard matrix (n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / math.sqrt(n)
+
+
+def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Haar-random orthogonal matrix (QR of a Gaussian with the sign fix)."""
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def randomized_hadamard(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``H diag(s)`` with random signs when n is a power of two, else a random orthogonal matrix."""
+    if n & (n - 1) == 0:
+        return hadamard(n) * rng.choice([-1.0, 1.0], size=n)[None, :]
+    return random_orthogonal(n, rng)
+
+
+# ---------------------------------------------------------------- inter-block
+@dataclass
+class InterBlockResult:
+    rotation: np.ndarray  # [B, B], orthogonal
+    iterations: int
+    max_relative_deviation: float  # max_i |diag_i - tr/B| / (tr/B) after rotation
+    converged: bool
+
+
+def _givens_rows(m: np.ndarray, i: int, j: int, c: float, s: float) -> None:
+    ri, rj = m[i].copy(), m[j].copy()
+    m[i] = c * ri + s * rj
+    m[j] = -s * ri + c * rj
+
+
+def solve_inter_block(cov: np.ndarray, eps: float = 1e-6, max_iter: int | None = None) -> InterBlockResult:
+    """Schur-Horn variance equalization: ``diag(R Σ R^T) -> tr(Σ)/B`` by Givens rotations.
+
+    ``cov`` is the B x B second-moment matrix of the block-position vectors, or a stack
+    [K, B, B] of per-position matrices (averaged: one shared R_inter). Each step takes the
+    block ``i`` with the largest deviation from the target ``c`` and a block ``j`` deviating
+    the other way, and rotates the (i, j) plane by the angle that puts ``σ_ii`` exactly on
+    ``c`` (never the Jacobi angle, which diagonalizes and spreads the variances apart).
+    The fixed coordinate is never picked again, so at most B - 1 steps are needed.
+    """
+    cov = np.asarray(cov, dtype=np.float64)
+    if cov.ndim == 3:
+        cov = cov.mean(axis=0)
+    if cov.ndim != 2 or cov.shape[0] != cov.shape[1]:
+        raise ValueError(f"covariance must be square [B, B] (or [K, B, B]), got shape {cov.shape}")
+    check_finite("covariance", cov)
+    b = cov.shape[0]
+    s = (cov + cov.T) / 2
+    r = np.eye(b)
+    target = float(np.trace(s)) / b
+    if target <= 0:
+        return InterBlockResult(r, 0, 0.0, True)
+    limit = max_iter if max_iter is not None else 4 * b + 16
+    it = 0
+    dev = np.diag(s) - target
+    while it < limit:
+        dev = np.diag(s) - target
+        i = int(np.argmax(np.abs(dev)))
+        if abs(dev[i]) <= eps * target:
+            break
+        opposite = -np.sign(dev[i]) * dev
+        j = int(np.argmax(opposite))
+        if opposite[j] <= 0:  # only rounding noise left on the other side
+            break
+        a, half_diff, d = (s[i, i] + s[j, j]) / 2, (s[i, i] - s[j, j]) / 2, s[i, j]
+        rho = math.hypot(half_diff, d)
+        phi = math.atan2(d, half_diff)
+        delta = math.acos(min(1.0, max(-1.0, (target - a) / rho)))
+        # both roots put σ_ii on target; take the smaller rotation
+        cands = [math.remainder(phi + delta, 2 * math.pi), math.remainder(phi - delta, 2 * math.pi)]
+        theta = min(cands, key=abs) / 2
+        c, sn = math.cos(theta), math.sin(theta)
+        _givens_rows(s, i, j, c, sn)
+        _givens_rows(s.T, i, j, c, sn)  # columns (s.T is a view)
+        _givens_rows(r, i, j, c, sn)
+        it += 1
+    dev = np.diag(s) - target
+    worst = float(np.abs(dev).max() / target)
+    return InterBlockResult(r, it, worst, worst <= eps)
+
+
+def block_second_moment(x: np.ndarray) -> np.ndarray:
+    """Σ[b, b'] = mean over rows and in-block positions of X[b, k] X[b', k] (uncentered)."""
+    d = x.shape[-1]
+    blocks = x.reshape(-1, n_blocks(d), BLOCK_SIZE).astype(np.float64)
+    return np.einsum("tbk,tck->bc", blocks, blocks) / (blocks.shape[0] * BLOCK_SIZE)
+
+
+# ---------------------------------------------------------------- intra-block
+def normalize_rows(rows: np.ndarray, scale_rule: mxfp4.ScaleRule = "floor") -> np.ndarray:
+    """Divide each 32-wide row by its MX power-of-two scale (the deployed quantizer's rule)."""
+    e = mxfp4.shared_exponent(np.abs(rows).max(axis=-1), scale_rule)
+    return np.ldexp(rows, -e[:, None])
+
+
+def code_histograms(normalized: np.ndarray) -> np.ndarray:
+    """[32, 8] fraction of each column's elements in each FP4 magnitude bin."""
+    codes = mxfp4.magnitude_codes(np.abs(normalized))
+    m = normalized.shape[0]
+    return np.stack([np.bincount(codes[:, k], minlength=N_CODES) for k in range(codes.shape[1])]) / m
+
+
+def _entropy_bits(p: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, -p * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+    return terms.sum(axis=-1)
+
+
+def codebook_entropy(rows: np.ndarray, scale_rule: mxfp4.ScaleRule = "floor") -> float:
+    """Mean over the 32 in-block positions of the Shannon entropy (bits, max 3) of FP4 code use."""
+    return float(_entropy_bits(code_histograms(normalize_rows(rows, scale_rule))).mean())
+
+
+@dataclass
+class PairAngle:
+    theta: float
+    gain: float  # entropy (bits, summed over the two columns) gained over theta = 0
+    n_critical: int
+
+
+def pair_entropy(u: np.ndarray, v: np.ndarray) -> float:
+    """Entropy (bits) of the two columns' FP4 magnitude-code histograms, summed."""
+    m = u.shape[0]
+    hu = np.bincount(mxfp4.magnitude_codes(np.abs(u)), minlength=N_CODES) / m
+    hv = np.bincount(mxfp4.magnitude_codes(np.abs(v)), minlength=N_CODES) / m
+    return float(_entropy_bits(hu) + _entropy_bits(hv))
+
+
+def rotate_pair(u: np.ndarray, v: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    c, s = math.cos(theta), math.sin(theta)
+    return u * c - v * s, u * s + v * c
+
+
+def solve_pair_angle(u: np.ndarray, v: np.ndarray) -> PairAngle:
+    """Exact maximizer over θ of the pair's codebook entropy with the scales held fixed.
+
+    The loss is piecewise constant in θ and π/2-periodic (θ + π/2 swaps |u'| and |v'|).
+    It changes only at critical angles where one rotated element crosses a bin edge:
+    ``|r cos(φ+θ)| = e`` (θ ≡ -φ ± arccos(e/r) mod π) or ``|r sin(φ+θ)| = e``
+    (θ ≡ π/2 - φ ± arccos(e/r)). A sweep over the sorted critical angles in [0, π/2)
+    moves one element between adjacent bins per event, so every interval's histogram
+    comes from a cumulative sum: O(M log M) for M samples.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    m = u.shape[0]
+    r = np.hypot(u, v)
+    phi = np.arctan2(v, u)
+    thetas, cols, frm, to = [], [], [], []
+    for edge_idx, edge in enumerate(mxfp4.BIN_EDGES):
+        live = r > edge
+        if not live.any():
+            continue
+        alpha = np.arccos(edge / r[live])
+        ph = phi[live]
+        for col, base in ((0, -ph), (1, math.pi / 2 - ph)):
+            for sign in (1.0, -1.0):
+                th = np.mod(base + sign * alpha, math.pi)
+                keep = th < math.pi / 2
+                th = th[keep]
+                x = ph[keep] + th
+                s2 = np.sin(2 * x)
+                up = s2 < 0 if col == 0 else s2 > 0  # magnitude increasing through the edge
+                thetas.append(th)
+                cols.append(np.full(th.shape, col, dtype=np.int8))
+                frm.append(np.where(up, edge_idx, edge_idx + 1))
+                to.append(np.where(up, edge_idx + 1, edge_idx))
+    base_counts = np.stack(
+        [np.bincount(mxfp4.magnitude_codes(np.abs(u)), minlength=N_CODES), np.bincount(mxfp4.magnitude_codes(np.abs(v)), minlength=N_CODES)]
+    ).astype(np.int64)
+    h0 = float(_entropy_bits(base_counts / m).sum())
+    if not thetas:
+        return PairAngle(0.0, 0.0, 0)
+    theta = np.concatenate(thetas)
+    order = np.argsort(theta, kind="stable")
+    theta, col = theta[order], np.concatenate(cols)[order]
+    frm_i, to_i = np.concatenate(frm)[order], np.concatenate(to)[order]
+    n = theta.shape[0]
+    delta = np.zeros((n, 2 * N_CODES), dtype=np.int32)
+    rows = np.arange(n)
+    delta[rows, col * N_CODES + frm_i] = -1  # from != to: one -1 and one +1 per event
+    delta[rows, col * N_CODES + to_i] = 1
+    counts = base_counts.reshape(1, -1) + np.cumsum(delta, axis=0)  # histogram after event i
+    ent = _entropy_bits(counts[:, :N_CODES] / m) + _entropy_bits(counts[:, N_CODES:] / m)
+    # interval i (after event i) spans [theta[i], theta[i+1]); the last wraps to π/2
+    upper = np.append(theta[1:], math.pi / 2)
+    width = upper - theta
+    ent = np.where(width > 1e-12, ent, -np.inf)
+    best = int(np.argmax(ent))
+    if ent[best] <= h0 + 1e-12:
+        return PairAngle(0.0, 0.0, n)
+    return PairAngle(float((theta[best] + upper[best]) / 2), float(ent[best] - h0), n)
+
+
+def _pair_scores(hist: np.ndarray) -> np.ndarray:
+    """H_{k,l} = h_k + h_l + c_{k,l}: imbalance of each column pair (higher = rotate first)."""
+    dev = hist - 1.0 / N_CODES
+    h = (dev**2).sum(axis=1)
+    return h[:, None] + h[None, :] - dev @ dev.T
+
+
+def _select_pairs(hist: np.ndarray, n_pairs: int) -> list[tuple[int, int]]:
+    dev = hist - 1.0 / N_CODES
+    h = (dev**2).sum(axis=1)
+    cand = np.argsort(-h, kind="stable")[: hist.shape[0] // 2]
+    scores = _pair_scores(hist)
+    pairs = sorted(((scores[k, l], int(k), int(l)) for a, k in enumerate(cand) for l in cand[a + 1 :]), key=lambda t: -t[0])
+    used: set[int] = set()
+    chosen = []
+    for _, k, l in pairs:
+        if k in used or l in used:
+            continue
+        chosen.append((min(k, l), max(k, l)))
+        used.update((k, l))
+        if len(chosen) == n_pairs:
+            break
+    return chosen
+
+
+@dataclass
+class IntraBlockResult:
+    rotation: np.ndarray  # [32, 32], orthogonal
+    rounds: int
+    accepted_rotations: int
+    entropy_history: list[float] = field(default_factory=list)  # after each accepted round
+    error_history: list[float] = field(default_factory=list)  # MXFP4 relative error, same rounds
+
+
+def solve_intra_block(
+    rows: np.ndarray,
+    scale_rule: mxfp4.ScaleRule = "floor",
+    max_rounds: int = 10,
+    pairs_per_round: int = 8,
+    tol: float = 1e-5,
+    init: np.ndarray | None = None,
+    max_rows: int = 8192,
+    seed: int = 0,
+    error_guard: bool = True,
+) -> IntraBlockResult:
+    """Greedy max-entropy Givens rotations shared by all blocks (R_intra, 32 x 32).
+
+    ``rows``: [M, 32] block rows after the inter-block rotation (any scale). Each round
+    alternates an S step (re-derive every row's power-of-two scale) and an R step (pick
+    the most imbalanced non-overlapping column pairs, solve each angle exactly with
+    :func:`solve_pair_angle`, apply). A round is kept only if the codebook entropy with
+    fresh scales does not decrease, so ``entropy_history`` is non-decreasing.
+
+    ``error_guard`` (our addition, on by default): a pair rotation is also rejected if it
+    raises the MXFP4 quantization error of the calibration rows (fresh scales). Measured on synthetic
+    activations with massive outlier channels, pure entropy maximization started from
+    a Hadamard raised the error; the guard keeps only rotations that help both.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[1] != BLOCK_SIZE:
+        raise ValueError(f"intra-block solver needs rows of {BLOCK_SIZE} values, got shape {rows.shape}")
+    check_finite("calibration activations", rows)
+    keep = np.abs(rows).max(axis=1) > 0  # zero blocks carry no information
+    rows = rows[keep]
+    if rows.shape[0] > max_rows:
+        rows = rows[np.sort(np.random.default_rng(seed).choice(rows.shape[0], max_rows, replace=False))]
+    rot = np.eye(BLOCK_SIZE) if init is None else np.array(init, dtype=np.float64)
+    if rows.shape[0] == 0:
+        return IntraBlockResult(rot, 0, 0, [])
+    cur = rows @ rot
+    history = [codebook_entropy(cur, scale_rule)]
+    errors = [mxfp4.relative_error(cur, scale_rule=scale_rule)]
+    accepted = 0
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        normalized = normalize_rows(cur, scale_rule)  # S step
+        pairs = _select_pairs(code_histograms(normalized), pairs_per_round)
+        new_cur, new_rot, n_applied = cur.copy(), rot.copy(), 0
+        err = errors[-1]
+        for k, l in pairs:  # R step (disjoint pairs: independent)
+            sol = solve_pair_angle(normalized[:, k], normalized[:, l])
+            if sol.theta == 0.0:
+                continue
+            cand = new_cur.copy()
+            cand[:, k], cand[:, l] = rotate_pair(cur[:, k], cur[:, l], sol.theta)
+            if error_guard:
+                cand_err = mxfp4.relative_error(cand, scale_rule=scale_rule)
+                if cand_err > err:
+                    continue
+                err = cand_err
+            new_cur = cand
+            new_rot[:, k], new_rot[:, l] = rotate_pair(rot[:, k], rot[:, l], sol.theta)
+            n_applied += 1
+        if n_applied == 0:
+            break
+        ent = codebook_entropy(new_cur, scale_rule)
+        err = mxfp4.relative_error(new_cur, scale_rule=scale_rule)
+        if ent < history[-1]:
+            break  # the fresh scales undid the entropy gain: stop without this round
+        cur, rot = new_cur, new_rot
+        accepted += n_applied
+        history.append(ent)
+        errors.append(err)
+        if ent - history[-2] < tol:
+            break
+    return IntraBlockResult(rot, rounds, accepted, history, errors)
+
+
+# ---------------------------------------------------------------- methods
+METHODS = ("rtn", "brq", "quarot", "torq")
+
+
+@dataclass
+class Rotation:
+    """The two factors of one rotation site, plus solver diagnostics for report.json."""
+
+    r_inter: np.ndarray
+    r_intra: np.ndarray
+    info: dict = field(default_factory=dict)
+
+
+def identity_rotation(d: int) -> Rotation:
+    return Rotation(np.eye(n_blocks(d)), np.eye(BLOCK_SIZE))
+
+
+def solve_rotation(
+    method: str,
+    d: int,
+    cov: np.ndarray | None = None,
+    sample_rows: np.ndarray | None = None,
+    scale_rule: mxfp4.ScaleRule = "floor",
+    seed: int = 0,
+    intra_init: str = "hadamard",
+) -> Rotation:
+    """Rotation for one site by ``method``.
+
+    rtn: identity. brq: block-diagonal 32 x 32 Hadamard. quarot: Kronecker-factored
+    randomized Hadamard (a global D x D Walsh-Hadamard with structured random signs
+    when B is a power of two; a random orthogonal R_inter otherwise). torq: Schur-Horn
+    inter-block equalization from ``cov`` then max-entropy intra-block Givens on
+    ``sample_rows`` (token activations [T, D]) rotated by R_inter, starting from
+    ``intra_init`` ("hadamard" or "identity").
+    """
+    b = n_blocks(d)
+    if method == "rtn":
+        return identity_rotation(d)
+    if method == "brq":
+        return Rotation(np.eye(b), hadamard(BLOCK_SIZE))
+    if method == "quarot":
+        rng = np.random.default_rng(seed)
+        return Rotation(randomized_hadamard(b, rng), randomized_hadamard(BLOCK_SIZE, rng).T)
+    if method != "torq":
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if cov is None or sample_rows is None:
+        raise ValueError("torq needs calibration statistics (covariance and sample activations)")
+    inter = solve_inter_block(cov)
+    samples = np.asarray(sample_rows, dtype=np.float64).reshape(-1, d)
+    y = apply_rotation(samples, inter.rotation, np.eye(BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
+    init = {"hadamard": hadamard(BLOCK_SIZE), "identity": None}[intra_init]
+    intra = solve_intra_block(y, scale_rule=scale_rule, init=init, seed=seed)
+    info = {
+        "inter_iterations": inter.iterations,
+        "inter_max_relative_deviation": inter.max_relative_deviation,
+        "intra_rounds": intra.rounds,
+        "intra_accepted_rotations": intra.accepted_rotations,
+        "intra_entropy_history": intra.entropy_history,
+        "intra_error_history": intra.error_history,
+    }
+    return Rotation(inter.rotation, intra.rotation, info)
+
+
+def quantization_error(
+    x: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray, scale_rule: mxfp4.ScaleRule = "floor"
+) -> float:
+    """Relative error ``||MXFP4(Qx) - Qx|| / ||x||`` of the rotated activations (Q orthogonal)."""
+    x = np.asarray(x, dtype=np.float64)
+    return mxfp4.relative_error(apply_rotation(x, r_inter, r_intra), scale_rule=scale_rule)
+
+
+def block_variance_spread(x: np.ndarray) -> float:
+    """max / mean of per-block second moments: 1.0 means perfectly equalized blocks."""
+    v = np.diag(block_second_moment(x))
+    return float(v.max() / v.mean()) if v.mean() > 0 else 1.0
