@@ -1,0 +1,139 @@
+"""Portable path: the torq ONNX functions in a plain ORT CPU session vs the numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from torq_onnx import mxfp4, torq
+from torq_onnx.runtime_ops import functions as F
+from torq_onnx.runtime_ops import reference as ref
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise equality treating NaN == NaN and +0 == -0 (signed zeros are unspecified)."""
+    return (a == b) | (np.isnan(a) & np.isnan(b))
+
+
+def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = False) -> ort.InferenceSession:
+    b = d // 32
+    nodes = [F.make_rotate_quantize_node("x", "ri", "rk", "y", rule)]
+    outputs = [helper.make_tensor_value_info("y", dtype, ["n", d])]
+    if with_rotated:  # the same float32 GEMMs, exposed, to check the quantizer bit-exactly
+        nodes += [
+            helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["xf", "blk_shape"], ["xb"]),
+            helper.make_node("MatMul", ["ri", "xb"], ["yb"]),
+            helper.make_node("MatMul", ["yb", "rk"], ["zb"]),
+            helper.make_node("Reshape", ["zb", "flat_shape"], ["z"]),
+        ]
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", d]))
+    inits = [onnx.numpy_helper.from_array(np.array([-1, b, 32], np.int64), "blk_shape"), onnx.numpy_helper.from_array(np.array([-1, d], np.int64), "flat_shape")]
+    graph = helper.make_graph(
+        nodes,
+        "op",
+        [helper.make_tensor_value_info("x", dtype, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, [b, b]), helper.make_tensor_value_info("rk", TensorProto.FLOAT, [32, 32])],
+        outputs,
+        inits if with_rotated else [],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    F.attach_functions(model)
+    onnx.checker.check_model(model, full_check=True)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def adversarial(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)) * 2.0 ** rng.integers(-140, 120, (n, 1))
+    x[0] = 0.0
+    x[1, :32] = np.float32(2.0**-149)  # subnormals
+    x[2, :32] = np.tile([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0], 4)  # ties and saturation
+    x[3, :32] = 3.0e38  # near FLT_MAX
+    x[4, :32] = 2.0 ** np.arange(-10, 22)  # exact powers of two
+    x[5, :32] = -6.0
+    x[6, 7] = np.nan
+    x[7, 40 % d] = np.inf
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+@pytest.mark.parametrize("d", [64, 96])
+def test_identity_rotation_is_bit_exact_to_reference(rule, d):
+    rng = np.random.default_rng(d)
+    x = adversarial(rng, 500, d)
+    b = d // 32
+    feeds = {"x": x, "ri": np.eye(b, dtype=np.float32), "rk": np.eye(32, dtype=np.float32)}
+    y = op_model(d, rule).run(None, feeds)[0]
+    expected = ref.rotate_quantize(x, feeds["ri"], feeds["rk"], rule)
+    assert bits_equal(y, expected).all()
+    # away from the NaN/Inf rows the op is exactly the plain MXFP4 reference
+    np.testing.assert_array_equal(y[8:], mxfp4.fake_quantize(x[8:], scale_rule=rule))
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_real_rotation_quantizer_is_bit_exact(rule):
+    d = 128
+    rng = np.random.default_rng(7)
+    x = adversarial(rng, 400, d)
+    rot = torq.solve_rotation("quarot", d, seed=1)
+    feeds = {"x": x, "ri": rot.r_inter.astype(np.float32), "rk": rot.r_intra.astype(np.float32)}
+    y, z = op_model(d, rule, with_rotated=True).run(None, feeds)
+    assert bits_equal(y, ref.quantize_rotated(z, np.float32, rule)).all()
+    # and against the pure-numpy op reference, up to GEMM summation order at bin edges
+    agree = bits_equal(y, ref.rotate_quantize(x, feeds["ri"], feeds["rk"], rule))
+    assert agree[8:].mean() > 0.999
+
+
+def test_float16_input():
+    d = 64
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((200, d)) * 50).astype(np.float16)
+    eye = {"ri": np.eye(2, dtype=np.float32), "rk": np.eye(32, dtype=np.float32)}
+    y = op_model(d, "floor", TensorProto.FLOAT16).run(None, {"x": x, **eye})[0]
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(y, ref.rotate_quantize(x, eye["ri"], eye["rk"]))
+
+
+def test_dequantize_weight_function_matches_reference():
+    rng = np.random.default_rng(11)
+    w = (rng.standard_normal((96, 40)) * 2.0 ** rng.integers(-126, 100, (1, 40))).astype(np.float32)
+    w[:32, 0] = 0.0
+    w[5, 1] = np.nan
+    packed, scales = ref.quantize_weight(w)
+    assert packed.shape == (48, 40) and scales.shape == (3, 40)
+    graph = helper.make_graph(
+        [F.make_dequantize_node("p", "s", "w")],
+        "dq",
+        [helper.make_tensor_value_info("p", TensorProto.UINT8, [48, 40]), helper.make_tensor_value_info("s", TensorProto.UINT8, [3, 40])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [96, 40])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    F.attach_functions(model)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"p": packed, "s": scales})[0]
+    assert bits_equal(out, ref.dequantize_weight(packed, scales)).all()
+    assert bits_equal(out, mxfp4.fake_quantize(w, axis=0)).all()
+
+
+def test_every_e8m0_exponent_decodes_exactly():
+    scales = np.arange(0, 255, dtype=np.uint8).reshape(-1, 1).repeat(2, axis=1)  # [255, 2]
+    codes = np.zeros((255 * 32, 2), np.uint8)
+    codes[::32] = 2  # value 1.0 * 2**(s-127)
+    packed = mxfp4.pack(codes, axis=0)
+    expected = ref.dequantize_weight(packed, scales)
+    graph = helper.make_graph(
+        [F.make_dequantize_node("p", "s", "w")],
+        "dq",
+        [helper.make_tensor_value_info("p", TensorProto.UINT8, list(packed.shape)), helper.make_tensor_value_info("s", TensorProto.UINT8, [255, 2])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    F.attach_functions(model)
+    out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"p": packed, "s": scales})[0]
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_unknown_scale_rule_rejected():
+    with pytest.raises(ValueError, match="scale rule"):
+        F.make_rotate_quantize_node("x", "a", "b", "y", "banana")
