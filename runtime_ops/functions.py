@@ -18,7 +18,8 @@ DOMAIN = "ai.torq"
 DOMAIN_VERSION = 1
 ROTATE_QUANTIZE = "TorqRotateQuantize"
 DEQUANTIZE_WEIGHT = "TorqDequantizeMXFP4"
-STD_OPSET = 21
+ROTATE = "TorqRotate"
+STD_OPSET = 18  # lowest default-domain opset the bodies need (ReduceMax axes input, BitwiseAnd)
 
 # mantissa (amax / 2**floor(log2 amax), in [1, 2)) above which the scale exponent is bumped
 _BUMP_THRESHOLD = {
@@ -89,7 +90,29 @@ def _quantize_blocks(f: _Body, z: str, bump: str) -> str:
     return f.op("Where", bad, f.const(np.nan), y)
 
 
-def rotate_quantize_function() -> onnx.FunctionProto:
+def _rotate(f: _Body) -> str:
+    """float32 ``R_inter @ X @ R_intra`` of the function input ``x`` as [..., B, 32]."""
+    xf = f.op("Cast", "x", to=TensorProto.FLOAT)
+    lead = f.op("Slice", f.op("Shape", "x"), f.const([0], np.int64), f.const([-1], np.int64))
+    nb = f.op("Slice", f.op("Shape", "r_inter"), f.const([0], np.int64), f.const([1], np.int64))
+    blocks = f.op("Reshape", xf, f.op("Concat", lead, nb, f.const([32], np.int64), axis=0))
+    return f.op("MatMul", f.op("MatMul", "r_inter", blocks), "r_intra")
+
+
+def _finish(f: _Body, y: str) -> None:
+    f.nodes.append(helper.make_node("Reshape", [y, f.op("Shape", "x")], ["y_f32"]))
+    f.nodes.append(helper.make_node("CastLike", ["y_f32", "x"], ["y"]))
+
+
+def rotate_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
+    """``TorqRotate(x, r_inter, r_intra) -> y``: the rotation alone (exactness checks, A16 runs)."""
+    f = _Body("tr_")
+    _finish(f, _rotate(f))
+    return helper.make_function(DOMAIN, ROTATE, ["x", "r_inter", "r_intra"], ["y"], f.nodes, [helper.make_opsetid("", opset)],
+                                doc_string="Two-level TORQ rotation without quantization.")
+
+
+def rotate_quantize_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
     """``TorqRotateQuantize(x [..., D], r_inter [B, B], r_intra [32, 32]) -> y`` (x's dtype).
 
     ``y = MXFP4(R_inter @ X @ R_intra)`` with ``X = x.reshape(..., B, 32)``, computed in
@@ -97,31 +120,25 @@ def rotate_quantize_function() -> onnx.FunctionProto:
     :func:`bump_threshold`); :func:`make_rotate_quantize_node` sets it from a rule name.
     """
     f = _Body("trq_")
-    xf = f.op("Cast", "x", to=TensorProto.FLOAT)
-    lead = f.op("Slice", f.op("Shape", "x"), f.const([0], np.int64), f.const([-1], np.int64))
-    nb = f.op("Slice", f.op("Shape", "r_inter"), f.const([0], np.int64), f.const([1], np.int64))
-    blocks = f.op("Reshape", xf, f.op("Concat", lead, nb, f.const([32], np.int64), axis=0))
-    z = f.op("MatMul", f.op("MatMul", "r_inter", blocks), "r_intra")
+    z = _rotate(f)
     bump = f.op("Constant")
     f.nodes[-1].attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT))
     f.nodes[-1].attribute[0].name = "value_float"
     f.nodes[-1].attribute[0].ref_attr_name = "bump_threshold"
-    y = _quantize_blocks(f, z, bump)
-    f.nodes.append(helper.make_node("Reshape", [y, f.op("Shape", "x")], ["y_f32"]))
-    f.nodes.append(helper.make_node("CastLike", ["y_f32", "x"], ["y"]))
+    _finish(f, _quantize_blocks(f, z, bump))
     return helper.make_function(
         DOMAIN,
         ROTATE_QUANTIZE,
         ["x", "r_inter", "r_intra"],
         ["y"],
         f.nodes,
-        [helper.make_opsetid("", STD_OPSET)],
+        [helper.make_opsetid("", opset)],
         attributes=["bump_threshold"],
         doc_string="Two-level TORQ rotation then MXFP4 (OCP MX v1.0) quantize-dequantize along the last axis.",
     )
 
 
-def dequantize_weight_function() -> onnx.FunctionProto:
+def dequantize_weight_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
     """``TorqDequantizeMXFP4(packed uint8 [D/2, N], scales uint8 [D/32, N]) -> w float32 [D, N]``.
 
     Codes are packed along the reduction axis (row 2i in the low nibble, 2i+1 in the high
@@ -155,17 +172,23 @@ def dequantize_weight_function() -> onnx.FunctionProto:
         ["packed", "scales"],
         ["w"],
         f.nodes,
-        [helper.make_opsetid("", STD_OPSET)],
+        [helper.make_opsetid("", opset)],
         doc_string="Dequantize MXFP4 weights packed along the reduction axis to float32.",
     )
 
 
-def all_functions() -> list[onnx.FunctionProto]:
-    return [rotate_quantize_function(), dequantize_weight_function()]
+def all_functions(opset: int = STD_OPSET) -> list[onnx.FunctionProto]:
+    """The torq functions, importing the model's own default opset (>= 18; the ops used
+    have the same semantics in every later opset)."""
+    return [rotate_quantize_function(opset), rotate_function(opset), dequantize_weight_function(opset)]
 
 
 def make_rotate_quantize_node(x: str, r_inter: str, r_intra: str, y: str, scale_rule: str = "floor", name: str | None = None) -> onnx.NodeProto:
     return helper.make_node(ROTATE_QUANTIZE, [x, r_inter, r_intra], [y], domain=DOMAIN, name=name, bump_threshold=bump_threshold(scale_rule))
+
+
+def make_rotate_node(x: str, r_inter: str, r_intra: str, y: str, name: str | None = None) -> onnx.NodeProto:
+    return helper.make_node(ROTATE, [x, r_inter, r_intra], [y], domain=DOMAIN, name=name)
 
 
 def make_dequantize_node(packed: str, scales: str, w: str, name: str | None = None) -> onnx.NodeProto:
@@ -175,7 +198,8 @@ def make_dequantize_node(packed: str, scales: str, w: str, name: str | None = No
 def attach_functions(model: onnx.ModelProto) -> None:
     """Add the torq functions and the ai.torq opset import to ``model`` (idempotent)."""
     present = {(fn.domain, fn.name) for fn in model.functions}
-    for fn in all_functions():
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), STD_OPSET)
+    for fn in all_functions(opset):
         if (fn.domain, fn.name) not in present:
             model.functions.append(fn)
     if not any(o.domain == DOMAIN for o in model.opset_import):

@@ -1,0 +1,54 @@
+"""State shared by the export passes: the rotation sites and what each pass learned."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from torq_onnx.torq import Rotation
+
+
+@dataclass
+class Consumer:
+    """One linear layer reading a site's activation: a MatMul (or Gemm) with a constant weight."""
+
+    node_name: str
+    weight_name: str
+    transposed: bool  # Gemm transB=1: the initializer is W^T [N, D]
+
+
+@dataclass
+class SiteStats:
+    """Streaming calibration statistics of one activation: memory independent of sample count."""
+
+    d: int
+    second_moment: np.ndarray  # [B, B] running sum of X X^T over tokens and in-block positions
+    tokens: int = 0
+    reservoir: np.ndarray | None = None  # [<= capacity, D] uniform sample of token activations
+    seen: int = 0
+
+
+@dataclass
+class Site:
+    """A rotation site: one activation value shared by one or more linear layers."""
+
+    activation: str
+    d: int
+    consumers: list[Consumer]
+    stats: SiteStats | None = None
+    rotation: Rotation | None = None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return self.d // 32
+
+
+@dataclass
+class ExportContext:
+    """What the pipeline passes hand each other (sites in graph order, skipped layers, report)."""
+
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    report: dict = field(default_factory=dict)

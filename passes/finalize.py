@@ -1,0 +1,97 @@
+"""Finalize: make the rewritten model self-contained, valid and saved atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from torq_onnx.errors import TorqError
+from torq_onnx.runtime_ops.functions import DOMAIN, DOMAIN_VERSION, STD_OPSET, all_functions
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+
+
+class Finalize(InPlacePass):
+    """Attach the ai.torq functions, opset imports and metadata.
+
+    Requires: a model whose torq nodes come from InsertRotateQuantize/QuantizeWeights.
+    Ensures: the model declares ``ai.torq`` v1 and the default opset >= 18 (the function
+    bodies need it) and carries every torq function, so any ORT can run it;
+    ``metadata`` is written to ``metadata_props`` (method, scale rule, versions).
+    """
+
+    def __init__(self, metadata: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.metadata = metadata or {}
+
+    def call(self, model: ir.Model) -> PassResult:
+        opset = model.opset_imports.get("", 0)
+        if opset < STD_OPSET:
+            raise TorqError(
+                f"the model uses ONNX opset {opset}; torq functions need >= {STD_OPSET}: "
+                "re-export with a newer opset (torq-onnx export does this for HF models)"
+            )
+        for proto in all_functions(opset):
+            fn = ir.serde.deserialize_function(proto)
+            model.functions[fn.identifier()] = fn
+        model.opset_imports[DOMAIN] = DOMAIN_VERSION
+        model.metadata_props.update({f"torq.{k}": str(v) for k, v in self.metadata.items()})
+        return PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        assert DOMAIN in model.opset_imports
+
+
+def check_model(proto: onnx.ModelProto) -> None:
+    """ONNX checker + strict shape inference (in memory when the model is small enough)."""
+    if proto.ByteSize() < (2 << 30) - (1 << 20):
+        onnx.checker.check_model(proto, full_check=True)
+
+
+def save_atomic(model: ir.Model, out_dir: Path, extras: dict[str, object] | None = None) -> Path:
+    """Write model.onnx (+ model.onnx.data when large) and JSON extras into ``out_dir``.
+
+    Everything is written to a temporary sibling folder first and moved into place at the
+    end, so a failure never leaves a half-written output.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        proto = ir.serde.serialize_model(model)
+        check_model(proto)
+        size = sum(t.ByteSize() for t in proto.graph.initializer)
+        if size > EXTERNAL_DATA_THRESHOLD:
+            onnx.save_model(proto, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+        else:
+            onnx.save_model(proto, tmp / "model.onnx")
+        for name, obj in (extras or {}).items():
+            if isinstance(obj, Path):
+                shutil.copytree(obj, tmp / name)
+            elif isinstance(obj, (bytes, bytearray)):
+                (tmp / name).write_bytes(obj)
+            else:
+                (tmp / name).write_text(json.dumps(obj, indent=2, default=float))
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "model.onnx"
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing an existing ``dst`` with at most a rename window."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,55 @@
+"""FoldRotations: absorb each site's inverse rotation into its consumers' weights (W' = Q W)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import InPlacePass, PassResult
+
+from torq_onnx import torq
+from torq_onnx.errors import TorqError
+from torq_onnx.passes.context import ExportContext
+
+
+def node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
+    return {n.name: n for n in graph}
+
+
+class FoldRotations(InPlacePass):
+    """Replace each consumer's weight W by Q W (float64 product, cast back to W's dtype).
+
+    Requires: sites with rotations (SolveRotations). Ensures: ``MatMul(Q x, W') ==
+    MatMul(x, W)`` up to float rounding, for every consumer; a weight initializer shared
+    by several consumers is copied first so that each gets its own fold. Activations are
+    not yet rotated: InsertRotateQuantize must follow, or the model is wrong.
+    """
+
+    def __init__(self, ctx: ExportContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def requires(self, model: ir.Model) -> None:
+        if any(s.rotation is None for s in self.ctx.sites):
+            raise TorqError("FoldRotations needs solved rotations: run SolveRotations first")
+
+    def call(self, model: ir.Model) -> PassResult:
+        graph = model.graph
+        nodes = node_by_name(graph)
+        for site in self.ctx.sites:
+            rot = site.rotation
+            for cons in site.consumers:
+                node = nodes[cons.node_name]
+                w_val = node.inputs[1]
+                w = w_val.const_value.numpy()
+                w64 = w.astype(np.float64).T if cons.transposed else w.astype(np.float64)
+                folded = torq.fold_into_weight(w64, rot.r_inter, rot.r_intra)
+                folded = (folded.T if cons.transposed else folded).astype(w.dtype)
+                if len(w_val.uses()) == 1:
+                    w_val.const_value = ir.tensor(folded, name=w_val.name)
+                    continue
+                name = f"{w_val.name}__torq_{cons.node_name}"
+                new_val = ir.Value(name=name, shape=w_val.shape, type=w_val.type, const_value=ir.tensor(folded, name=name))
+                graph.register_initializer(new_val)
+                node.replace_input_with(1, new_val)
+                cons.weight_name = name
+        return PassResult(model, modified=True)

@@ -1,0 +1,125 @@
+"""The export pipeline: float ONNX model -> rotated, MXFP4-quantized ONNX model + report.json."""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import Sequential
+from tqdm.auto import tqdm
+
+from torq_onnx import __version__, mxfp4
+from torq_onnx import calibration as calib
+from torq_onnx import models, text
+from torq_onnx.errors import TorqError
+from torq_onnx.passes import (
+    Calibrate,
+    ExportContext,
+    Finalize,
+    FindLinearInputs,
+    FoldRotations,
+    InsertRotateQuantize,
+    NameNodes,
+    QuantizeWeights,
+    SolveRotations,
+    save_atomic,
+)
+
+
+@dataclass
+class ExportOptions:
+    method: str = "torq"
+    calib_samples: int = 128
+    seq_len: int = 512
+    weights: str = "mxfp4"  # mxfp4 | fake | float
+    quantize_activations: bool = True
+    scale_rule: mxfp4.ScaleRule = "floor"
+    include_lm_head: bool = False
+    reservoir_tokens: int = 2048
+    seed: int = 0
+    progress: bool = True
+
+
+def _bar(enabled: bool, desc: str, total: int | None = None):
+    return lambda it: tqdm(it, desc=desc, total=total, disable=not enabled, leave=False)
+
+
+def rewrite(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
+    """Run the pass sequence in place on ``model``; returns the context (sites, report data)."""
+    ctx = ExportContext()
+    Sequential(
+        NameNodes(),
+        FindLinearInputs(ctx, include_lm_head=opts.include_lm_head),
+        Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_tokens, seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches)),
+        SolveRotations(ctx, opts.method, opts.scale_rule, opts.seed, progress=_bar(opts.progress, f"solve ({opts.method})")),
+        FoldRotations(ctx),
+        QuantizeWeights(ctx, opts.weights, opts.scale_rule),
+        InsertRotateQuantize(ctx, opts.quantize_activations, opts.scale_rule),
+        Finalize({"method": opts.method, "scale_rule": opts.scale_rule, "weights": opts.weights,
+                  "activations": "mxfp4" if opts.quantize_activations else "float", "version": __version__}),
+    )(model)
+    return ctx
+
+
+def build_report(ctx: ExportContext, opts: ExportOptions, timings: dict[str, float], source: str) -> dict:
+    sites = [s.report for s in ctx.sites]
+    mean = lambda key, when: float(np.mean([r[key][when] for r in sites]))  # noqa: E731
+    return {
+        "torq_onnx_version": __version__,
+        "source": source,
+        "options": asdict(opts),
+        "summary": {
+            "sites": len(sites),
+            "linear_layers": sum(len(s.consumers) for s in ctx.sites),
+            "mean_activation_quant_error": {"before": mean("activation_quant_error", "before"), "after": mean("activation_quant_error", "after")},
+            "mean_codebook_entropy_bits": {"before": mean("codebook_entropy_bits", "before"), "after": mean("codebook_entropy_bits", "after")},
+            "mean_block_variance_spread": {"before": mean("block_variance_spread", "before"), "after": mean("block_variance_spread", "after")},
+        },
+        "timings_s": timings,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "skipped_layers": ctx.skipped,
+        "sites": sites,
+    }
+
+
+def load_ir(path: Path) -> ir.Model:
+    try:
+        return ir.load(str(path))
+    except Exception as exc:
+        raise TorqError(f"could not read ONNX model {path}: {exc}") from None
+
+
+def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | None = None,
+           tokenizer_dir: str | None = None) -> Path:
+    """``torq-onnx export``: MODEL (.onnx, HF folder, or None for the default) -> OUT_DIR."""
+    opts = opts or ExportOptions()
+    t0 = time.perf_counter()
+    src = models.resolve(model)
+    t_export = time.perf_counter() - t0
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir
+    tokenizer = models.load_tokenizer(tok_dir)
+    calib_text, _ = text.split_corpus(text.load_text(text_path))
+    ids = calib.tokenize(tokenizer, calib_text)
+    model_ir = load_ir(src.onnx_path)
+    specs = [(v.name, str(v.dtype)) for v in model_ir.graph.inputs]
+    windows = calib.token_windows(ids, opts.seq_len, opts.calib_samples)
+    batches = (calib.feeds_for_inputs(specs, w) for w in windows)
+    t1 = time.perf_counter()
+    ctx = rewrite(model_ir, batches, opts, n_batches=len(windows))
+    t_passes = time.perf_counter() - t1
+    with tempfile.TemporaryDirectory() as tok_tmp:
+        tokenizer.save_pretrained(tok_tmp)
+        timings = {"hf_to_onnx": t_export, "passes": t_passes}
+        report = build_report(ctx, opts, timings, str(model) if model else f"default ({models.default_model_dir()})")
+        report["calibration"] = {"windows": len(windows), "seq_len": opts.seq_len, "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
+        path = save_atomic(model_ir, Path(out_dir), {"report.json": report, "tokenizer": Path(tok_tmp)})
+    report["timings_s"]["total"] = time.perf_counter() - t0
+    if src.workdir is not None:
+        src.workdir.cleanup()
+    return path
