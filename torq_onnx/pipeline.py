@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes import Sequential
+from onnx_ir.passes import PassError, Sequential
 from tqdm.auto import tqdm
 
 from torq_onnx import __version__, mxfp4
@@ -53,7 +53,7 @@ def _bar(enabled: bool, desc: str, total: int | None = None):
 def rewrite(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
     """Run the pass sequence in place on ``model``; returns the context (sites, report data)."""
     ctx = ExportContext()
-    Sequential(
+    pipeline = Sequential(
         NameNodes(),
         FindLinearInputs(ctx, include_lm_head=opts.include_lm_head),
         Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_tokens, seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches)),
@@ -63,7 +63,14 @@ def rewrite(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: Exp
         InsertRotateQuantize(ctx, opts.quantize_activations, opts.scale_rule),
         Finalize({"method": opts.method, "scale_rule": opts.scale_rule, "weights": opts.weights,
                   "activations": "mxfp4" if opts.quantize_activations else "float", "version": __version__}),
-    )(model)
+    )
+    try:
+        pipeline(model)
+    except PassError as exc:  # onnx-ir wraps pass failures: surface the user-facing cause
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, TorqError):
+            cause = cause.__cause__
+        raise (cause or exc) from None
     return ctx
 
 

@@ -1,0 +1,203 @@
+"""Export passes on a tiny transformer-shaped graph built here: exactness, quantization, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from torq_onnx import mxfp4
+from torq_onnx.cli import app
+from torq_onnx.errors import TorqError
+from torq_onnx.passes import save_atomic
+from torq_onnx.pipeline import ExportOptions, rewrite
+
+D, FF, VOCAB = 64, 128, 50
+
+
+def tiny_transformer(d: int = D, ff: int = FF, seed: int = 0, outlier: bool = True) -> onnx.ModelProto:
+    """Embedding -> [q,k,v share x] -> o -> residual -> [gate,up share h] -> down -> LM head."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((VOCAB, d)).astype(np.float32)
+    if outlier:
+        emb[:, 5] += 30.0  # a massive, nearly constant channel, as in real LLMs
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    inits = {"emb": emb, "wq": w(d, d), "wk": w(d, d), "wv": w(d, d), "wo": w(d, d), "wg": w(d, ff), "wu": w(d, ff), "wd": w(ff, d), "head": w(d, VOCAB)}
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "wq"], ["q"]),
+        helper.make_node("MatMul", ["x", "wk"], ["k"]),
+        helper.make_node("MatMul", ["x", "wv"], ["v"]),
+        helper.make_node("Mul", ["q", "k"], ["qk"]),
+        helper.make_node("Add", ["qk", "v"], ["attn"]),
+        helper.make_node("MatMul", ["attn", "wo"], ["o"]),
+        helper.make_node("Add", ["x", "o"], ["h"]),
+        helper.make_node("MatMul", ["h", "wg"], ["g"]),
+        helper.make_node("MatMul", ["h", "wu"], ["u"]),
+        helper.make_node("Sigmoid", ["g"], ["gs"]),
+        helper.make_node("Mul", ["g", "gs"], ["silu"]),
+        helper.make_node("Mul", ["silu", "u"], ["act"]),
+        helper.make_node("MatMul", ["act", "wd"], ["down"]),
+        helper.make_node("Add", ["h", "down"], ["h2"]),
+        helper.make_node("MatMul", ["h2", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", VOCAB])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def batches(n: int = 6, t: int = 16, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": rng.integers(0, VOCAB, (1, t)).astype(np.int64)} for _ in range(n)]
+
+
+def run(model: onnx.ModelProto | ir.Model, feeds: dict) -> np.ndarray:
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def opts(**kw) -> ExportOptions:
+    return ExportOptions(progress=False, **kw)
+
+
+@pytest.mark.parametrize("method", ["rtn", "brq", "quarot", "torq"])
+def test_rotation_and_folding_preserve_the_function(method):
+    base = tiny_transformer()
+    model = ir.serde.deserialize_model(base)
+    ctx = rewrite(model, batches(), opts(method=method, weights="float", quantize_activations=False))
+    assert [s.activation for s in ctx.sites] == ["x", "attn", "h", "act"]  # qkv, o, gate/up, down inputs
+    feeds = batches(1, 24, seed=9)[0]
+    ref = run(base, feeds)
+    out = run(model, feeds)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_sites_group_shared_activations_and_skip_lm_head():
+    ctx = rewrite(ir.serde.deserialize_model(tiny_transformer()), batches(), opts(method="rtn", weights="float"))
+    groups = {s.activation: sorted(c.weight_name for c in s.consumers) for s in ctx.sites}
+    assert groups["x"] == ["wk", "wq", "wv"]
+    assert groups["h"] == ["wg", "wu"]
+    assert groups["act"] == ["wd"]  # down_proj input, B = d_ff / 32
+    assert any("LM head" in s["reason"] for s in ctx.skipped)
+
+
+def test_quantized_graph_matches_numpy_simulation():
+    """W4A4: each consumer computes MXFP4(Q x) @ MXFP4(Q W) exactly as the numpy reference says."""
+    base = tiny_transformer()
+    model = ir.serde.deserialize_model(base)
+    ctx = rewrite(model, batches(), opts(method="torq", weights="mxfp4"))
+    feeds = batches(1, 24, seed=9)[0]
+    out = run(model, feeds)
+    ref = run(base, feeds)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 0.5
+    # the packed weights dequantize to fake_quantize(Q W)
+    proto = ir.serde.serialize_model(model)
+    assert sum(n.op_type == "TorqDequantizeMXFP4" for n in proto.graph.node) == 7
+    assert sum(n.op_type == "TorqRotateQuantize" for n in proto.graph.node) == len(ctx.sites)
+
+
+def test_torq_reduces_output_error_vs_rtn():
+    base = tiny_transformer()
+    feeds = batches(1, 64, seed=11)[0]
+    ref = run(base, feeds)
+    errs = {}
+    for method in ("rtn", "torq"):
+        model = ir.serde.deserialize_model(base)
+        rewrite(model, batches(12, 32), opts(method=method, weights="float"))
+        errs[method] = float(np.linalg.norm(run(model, feeds) - ref) / np.linalg.norm(ref))
+    assert errs["torq"] < errs["rtn"], errs
+
+
+def test_no_linear_layer_is_a_clear_error():
+    graph = helper.make_graph([helper.make_node("Relu", ["a"], ["b"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, 32])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2, 32])])
+    with pytest.raises(TorqError, match="no linear layer"):
+        rewrite(ir.serde.deserialize_model(helper.make_model(graph)), [], opts(method="rtn"))
+
+
+def test_hidden_size_not_multiple_of_32_is_a_clear_error():
+    with pytest.raises(TorqError, match="hidden size 48 is not a multiple of 32"):
+        rewrite(ir.serde.deserialize_model(tiny_transformer(d=48, ff=72)), batches(), opts(method="rtn"))
+
+
+def test_nan_activations_are_a_clear_error():
+    base = tiny_transformer()
+    base.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((VOCAB, D), np.nan, np.float32), "emb"))
+    with pytest.raises(TorqError, match="NaN/Inf in calibration activations at 'x'"):
+        rewrite(ir.serde.deserialize_model(base), batches(), opts(method="torq"))
+
+
+def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    model = ir.serde.deserialize_model(tiny_transformer())
+    rewrite(model, batches(), opts(method="brq"))
+    out = tmp_path / "out"
+    path = save_atomic(model, out, {"report.json": {"ok": 1}})
+    assert path.is_file() and json.loads((out / "report.json").read_text()) == {"ok": 1}
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", boom)
+    with pytest.raises(OSError):
+        save_atomic(model, out, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left
+    assert (out / "report.json").is_file()  # the previous output is intact
+
+
+def test_exported_file_loads_with_one_call(tmp_path):
+    import torq_onnx
+
+    model = ir.serde.deserialize_model(tiny_transformer())
+    rewrite(model, batches(), opts(method="torq"))
+    path = save_atomic(model, tmp_path / "m")
+    sess = torq_onnx.load_session(path)
+    out = sess.run(None, batches(1, 8, seed=3)[0])[0]
+    assert out.shape == (1, 8, VOCAB) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["export", "/nonexistent/model.onnx"], "model not found"),
+        (["export", "__NOT_ONNX__"], "not a readable ONNX model"),
+        (["export", "x", "--activations", "int8"], "--activations must be"),
+        (["inspect", "/nonexistent.onnx"], "no file at"),
+    ],
+)
+def test_cli_bad_input_messages(tmp_path, args, message):
+    if "__NOT_ONNX__" in args:
+        bad = tmp_path / "bad.onnx"
+        bad.write_text("this is not protobuf")
+        args = [str(bad) if a == "__NOT_ONNX__" else a for a in args]
+    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o")] if args[0] == "export" else args)
+    assert res.exit_code == 2
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_inspect(tmp_path):
+    model = ir.serde.deserialize_model(tiny_transformer())
+    rewrite(model, batches(), opts(method="torq"))
+    path = save_atomic(model, tmp_path / "m")
+    res = CliRunner().invoke(app, ["inspect", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "TorqRotateQuantize" in res.output and "torq.method" in res.output
+
+
+def test_scale_rule_is_consistent_between_weights_and_activations():
+    assert mxfp4.SCALE_RULES == ("floor", "even", "rceil")
