@@ -122,11 +122,10 @@ def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = 
     t_passes = time.perf_counter() - t1
     with tempfile.TemporaryDirectory() as tok_tmp:
         tokenizer.save_pretrained(tok_tmp)
-        timings = {"hf_to_onnx": t_export, "passes": t_passes}
+        timings = {"hf_to_onnx": t_export, "passes": t_passes, "total_before_save": time.perf_counter() - t0}
         report = build_report(ctx, opts, timings, str(model) if model else f"default ({models.default_model_dir()})")
         report["calibration"] = {"windows": len(windows), "seq_len": opts.seq_len, "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
         path = save_atomic(model_ir, Path(out_dir), {"report.json": report, "tokenizer": Path(tok_tmp)})
-    report["timings_s"]["total"] = time.perf_counter() - t0
     if src.workdir is not None:
         src.workdir.cleanup()
     return path
