@@ -78,7 +78,7 @@ class Calibrate(InPlacePass):
         sess = ort.InferenceSession(self._instrumented(model), opts, providers=self.providers)
         names = [s.activation for s in self.ctx.sites]
         for site in self.ctx.sites:
-            site.stats = SiteStats(d=site.d, second_moment=np.zeros((site.blocks, site.blocks)))
+            site.stats = SiteStats(second_moment=np.zeros((site.blocks, site.blocks)))
         rng = np.random.default_rng(self.seed)
         for feeds in self.progress(self.batches):
             outs = sess.run(names, feeds)

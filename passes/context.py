@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 from torq_onnx.torq import Rotation
 
@@ -22,7 +23,6 @@ class Consumer:
 class SiteStats:
     """Streaming calibration statistics of one activation: memory independent of sample count."""
 
-    d: int
     second_moment: np.ndarray  # [B, B] running sum of X X^T over tokens and in-block positions
     tokens: int = 0
     reservoir: np.ndarray | None = None  # [<= capacity, D] uniform sample of token activations
@@ -47,8 +47,19 @@ class Site:
 
 @dataclass
 class ExportContext:
-    """What the pipeline passes hand each other (sites in graph order, skipped layers, report)."""
+    """What the pipeline passes hand each other (sites in graph order, skipped layers)."""
 
     sites: list[Site] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
-    report: dict = field(default_factory=dict)
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new typed, shaped initializer of ``graph`` and return its value."""
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
+    return {n.name: n for n in graph}

@@ -26,9 +26,8 @@ def _weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:
     return None
 
 
-def _feeds_graph_output(node: ir.Node, graph: ir.Graph) -> bool:
-    """True for the LM head: its output (possibly through one Add) is a graph output."""
-    outs = set(id(v) for v in graph.outputs)
+def _feeds_graph_output(node: ir.Node, outs: set[int]) -> bool:
+    """True for the LM head: its output (possibly through one Add) is a graph output (ids in ``outs``)."""
     for out in node.outputs:
         if id(out) in outs:
             return True
@@ -56,6 +55,7 @@ class FindLinearInputs(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         by_act: dict[str, Site] = {}
+        graph_outputs = {id(v) for v in graph.outputs}
         linear = 0
         for node in graph:
             found = _weight_of(node)
@@ -65,7 +65,7 @@ class FindLinearInputs(InPlacePass):
             w, transposed = found
             d = w.const_value.shape[1 if transposed else 0]
             act = node.inputs[0]
-            if not self.include_lm_head and _feeds_graph_output(node, graph):
+            if not self.include_lm_head and _feeds_graph_output(node, graph_outputs):
                 self.ctx.skipped.append({"node": node.name, "reason": "LM head (output layer) kept in float"})
                 continue
             if d % 32:

@@ -8,11 +8,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx import torq
 from torq_onnx.errors import TorqError
-from torq_onnx.passes.context import ExportContext
-
-
-def node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
-    return {n.name: n for n in graph}
+from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name
 
 
 class FoldRotations(InPlacePass):
@@ -47,9 +43,7 @@ class FoldRotations(InPlacePass):
                 if len(w_val.uses()) == 1:
                     w_val.const_value = ir.tensor(folded, name=w_val.name)
                     continue
-                name = f"{w_val.name}__torq_{cons.node_name}"
-                new_val = ir.Value(name=name, shape=w_val.shape, type=w_val.type, const_value=ir.tensor(folded, name=name))
-                graph.register_initializer(new_val)
+                new_val = add_initializer(graph, f"{w_val.name}__torq_{cons.node_name}", folded)
                 node.replace_input_with(1, new_val)
-                cons.weight_name = name
+                cons.weight_name = new_val.name
         return PassResult(model, modified=True)

@@ -7,8 +7,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx import mxfp4
-from torq_onnx.passes.context import ExportContext
-from torq_onnx.passes.fold_rotations import node_by_name
+from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name
 from torq_onnx.runtime_ops import DOMAIN, ROTATE_QUANTIZE
 from torq_onnx.runtime_ops.functions import ROTATE, bump_threshold
 
@@ -33,13 +32,10 @@ class InsertRotateQuantize(InPlacePass):
         for i, site in enumerate(self.ctx.sites):
             consumers = [nodes[c.node_name] for c in site.consumers]
             x = consumers[0].inputs[0]
-            inits = []
-            for tag, mat in (("r_inter", site.rotation.r_inter), ("r_intra", site.rotation.r_intra)):
-                name = f"torq_site{i}_{tag}"
-                v = ir.Value(name=name, const_value=ir.tensor(mat.astype(np.float32), name=name))
-                v.shape, v.type = v.const_value.shape, ir.TensorType(ir.DataType.FLOAT)
-                graph.register_initializer(v)
-                inits.append(v)
+            inits = [
+                add_initializer(graph, f"torq_site{i}_{tag}", mat.astype(np.float32))
+                for tag, mat in (("r_inter", site.rotation.r_inter), ("r_intra", site.rotation.r_intra))
+            ]
             if self.quantize:
                 node = ir.node(ROTATE_QUANTIZE, [x, *inits], {"bump_threshold": bump_threshold(self.scale_rule)}, domain=DOMAIN, name=f"torq_site{i}")
             else:

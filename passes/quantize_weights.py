@@ -7,8 +7,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx import mxfp4
-from torq_onnx.passes.context import ExportContext
-from torq_onnx.passes.fold_rotations import node_by_name
+from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name
 from torq_onnx.runtime_ops import DEQUANTIZE_WEIGHT, DOMAIN
 from torq_onnx.runtime_ops.reference import quantize_weight
 
@@ -47,11 +46,8 @@ class QuantizeWeights(InPlacePass):
                     w_val.const_value = ir.tensor(mxfp4.fake_quantize(w, axis=axis, scale_rule=self.scale_rule).astype(w.dtype), name=w_val.name)
                     continue
                 packed, scales = quantize_weight(w, self.scale_rule)
-                p_val = ir.Value(name=f"{w_val.name}__mxfp4_codes", const_value=ir.tensor(packed, name=f"{w_val.name}__mxfp4_codes"))
-                s_val = ir.Value(name=f"{w_val.name}__mxfp4_scales", const_value=ir.tensor(scales, name=f"{w_val.name}__mxfp4_scales"))
-                for v in (p_val, s_val):
-                    v.shape, v.type = v.const_value.shape, ir.TensorType(v.const_value.dtype)
-                    graph.register_initializer(v)
+                p_val = add_initializer(graph, f"{w_val.name}__mxfp4_codes", packed)
+                s_val = add_initializer(graph, f"{w_val.name}__mxfp4_scales", scales)
                 deq = ir.node(DEQUANTIZE_WEIGHT, [p_val, s_val], domain=DOMAIN, name=f"{node.name}__dequant_w")
                 deq.outputs[0].name = f"{w_val.name}__dequantized"
                 deq.outputs[0].type, deq.outputs[0].shape = w_val.type, w_val.shape

@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from torq_onnx import mxfp4
-from torq_onnx.torq import BLOCK_SIZE, n_blocks
+from torq_onnx.torq import apply_rotation
 
 
 def rotate_f32(x: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
     """The op's rotation, in float32 like every implementation of the op."""
-    xf = np.asarray(x, dtype=np.float32)
-    b = n_blocks(xf.shape[-1])
-    blocks = xf.reshape(*xf.shape[:-1], b, BLOCK_SIZE)
-    return np.matmul(np.matmul(r_inter.astype(np.float32), blocks), r_intra.astype(np.float32)).reshape(xf.shape)
+    f32 = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+    return apply_rotation(f32(x), f32(r_inter), f32(r_intra))
 
 
 def quantize_rotated(z: np.ndarray, out_dtype: np.dtype, scale_rule: mxfp4.ScaleRule = "floor") -> np.ndarray:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -90,7 +89,3 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
     sizes = sorted({tuple(inits[n.input[1]].dims) for n in m.graph.node if n.domain == DOMAIN and n.input[1] in inits})
     table.add_row("R_inter shapes", ", ".join("x".join(map(str, s)) for s in sizes) or "-")
     Console().print(table)
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
