@@ -9,14 +9,14 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from torq_onnx import torq
 from torq_onnx.errors import TorqError
 from torq_onnx.passes.context import ExportContext, Site, SiteStats
 
 
 def update_stats(stats: SiteStats, acts: np.ndarray, rng: np.random.Generator, capacity: int) -> None:
     """Add a batch of token activations [T, D] to running stats (exact second moment + reservoir)."""
-    blocks = acts.reshape(acts.shape[0], -1, 32).astype(np.float64)
-    stats.second_moment += np.einsum("tbk,tck->bc", blocks, blocks)
+    stats.second_moment += torq.block_gram(acts)
     stats.tokens += acts.shape[0]
     # reservoir sampling (Algorithm R), vectorized over the batch
     if stats.reservoir is None:

@@ -52,6 +52,13 @@ class ExportContext:
     sites: list[Site] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
 
+    def calibrated_copy(self) -> ExportContext:
+        """Same sites and calibration statistics (shared, read-only), no rotations: lets several
+        methods be solved from one calibration run."""
+        return ExportContext(
+            [Site(s.activation, s.d, list(s.consumers), s.stats) for s in self.sites], list(self.skipped)
+        )
+
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new typed, shaped initializer of ``graph`` and return its value."""

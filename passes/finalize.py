@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
+from torq_onnx.atomic import replace_dir
 from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops.functions import DOMAIN, DOMAIN_VERSION, STD_OPSET, all_functions
 
@@ -84,14 +84,3 @@ def save_atomic(model: ir.Model, out_dir: Path, extras: dict[str, object] | None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir / "model.onnx"
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing an existing ``dst`` with at most a rename window."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

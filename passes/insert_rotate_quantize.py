@@ -29,6 +29,7 @@ class InsertRotateQuantize(InPlacePass):
     def call(self, model: ir.Model) -> PassResult:
         graph = model.graph
         nodes = node_by_name(graph)
+        position = {node: k for k, node in enumerate(graph)}  # graph.index is O(N) per call
         for i, site in enumerate(self.ctx.sites):
             consumers = [nodes[c.node_name] for c in site.consumers]
             x = consumers[0].inputs[0]
@@ -42,7 +43,7 @@ class InsertRotateQuantize(InPlacePass):
                 node = ir.node(ROTATE, [x, *inits], domain=DOMAIN, name=f"torq_site{i}")
             node.outputs[0].name = f"torq_site{i}_out"
             node.outputs[0].type, node.outputs[0].shape = x.type, x.shape
-            graph.insert_before(min(consumers, key=graph.index), node)  # earliest consumer: topological order holds
+            graph.insert_before(min(consumers, key=position.__getitem__), node)  # earliest consumer: topological order holds
             for c in consumers:
                 c.replace_input_with(0, node.outputs[0])
         return PassResult(model, modified=True)

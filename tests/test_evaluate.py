@@ -1,0 +1,142 @@
+"""Perplexity evaluation: window bookkeeping, NLL math, ORT runs, the eval CLI and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from tiny_models import VOCAB, char_tokenizer, tiny_transformer
+from typer.testing import CliRunner
+
+from torq_onnx import evaluate
+from torq_onnx.cli import app
+from torq_onnx.errors import TorqError
+
+
+@pytest.mark.parametrize("n, seq_len, stride", [(10, 4, 2), (1000, 128, 64), (129, 128, 127), (50, 64, 32), (2, 2, 1), (777, 100, 1)])
+def test_windows_score_every_token_once_with_context(n, seq_len, stride):
+    windows = evaluate.sliding_windows(n, seq_len, stride)
+    scored = np.zeros(n, int)
+    for w in windows:
+        assert 0 <= w.begin < w.end <= n and w.end - w.begin <= seq_len
+        assert 1 <= w.scored <= w.end - w.begin - 1  # a scored target always has its previous token in the window
+        scored[w.end - w.scored : w.end] += 1
+        if w.begin > 0:
+            assert w.end - w.scored - w.begin >= seq_len - stride  # the promised context
+    assert scored[0] == 0 and (scored[1:] == 1).all()
+
+
+@pytest.mark.parametrize("seq_len, stride, message", [(1, 1, "at least 2"), (8, 8, "--stride"), (8, 0, "--stride")])
+def test_window_arguments_are_checked(seq_len, stride, message):
+    with pytest.raises(TorqError, match=message):
+        evaluate.sliding_windows(100, seq_len, stride)
+
+
+def test_token_nll_matches_log_softmax():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((7, 11)).astype(np.float32) * 30  # large logits: needs the max shift
+    targets = rng.integers(0, 11, 7)
+    z = logits.astype(np.float64)
+    expected = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(7), targets]
+    np.testing.assert_allclose(evaluate.token_nll(logits, targets), expected, rtol=1e-12)
+    assert evaluate.token_nll(np.zeros((1, 5)), np.array([3]))[0] == pytest.approx(np.log(5))
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_strided_perplexity_equals_direct_computation():
+    """The tiny model has no cross-position mixing, so one full-sequence run gives every
+    target's true logits: windowed evaluation must reproduce that NLL exactly."""
+    model = tiny_transformer()
+    ids = np.random.default_rng(5).integers(0, VOCAB, 300)
+    logits = session(model).run(None, {"input_ids": ids.reshape(1, -1)})[0][0]
+    direct = evaluate.token_nll(logits[:-1], ids[1:]).mean()
+    res = evaluate.perplexity(session(model), ids, seq_len=64, stride=40)
+    assert res.scored_tokens == ids.size - 1
+    assert res.mean_nll == pytest.approx(direct, rel=1e-6)
+    assert res.perplexity == pytest.approx(np.exp(direct), rel=1e-6)
+
+
+def test_a_model_without_logits_is_a_clear_error():
+    model = tiny_transformer()
+    model.graph.output[0].name = "hidden"
+    model.graph.node[-1].output[0] = "hidden"
+    with pytest.raises(TorqError, match="no 'logits' output"):
+        evaluate.perplexity(session(model), np.arange(10) % VOCAB)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """The tiny model + character tokenizer exported twice through the CLI: rotate-only and W4A4."""
+    root = tmp_path_factory.mktemp("eval")
+    onnx.save(tiny_transformer(), root / "tiny.onnx")
+    tok = char_tokenizer(root / "tok")
+    outs = {}
+    for name, extra in (("rotate_only", ["--weights", "float", "--activations", "float"]), ("w4a4", [])):
+        res = CliRunner().invoke(app, ["export", str(root / "tiny.onnx"), "-o", str(root / name), "--tokenizer", str(tok),
+                                       "--calib-samples", "4", "--seq-len", "64", "--quiet", *extra])
+        assert res.exit_code == 0, res.output
+        outs[name] = root / name
+    return root, outs
+
+
+def eval_json(args: list[str], tmp_path) -> dict:
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["eval", *args, "--seq-len", "64", "--stride", "32", "--max-tokens", "2000", "--quiet", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "perplexity" in res.output
+    return json.loads(out.read_text())
+
+
+def test_eval_cli_same_code_for_float_and_exported(exported, tmp_path):
+    root, outs = exported
+    float_r = eval_json([str(root / "tiny.onnx"), "--tokenizer", str(root / "tok")], tmp_path)
+    rot_r = eval_json([str(outs["rotate_only"])], tmp_path)  # folder; tokenizer/ found next to model.onnx
+    q_r = eval_json([str(outs["w4a4"] / "model.onnx")], tmp_path)
+    assert float_r["scored_tokens"] == rot_r["scored_tokens"] == q_r["scored_tokens"] == 1999
+    # (the random tiny model is very confident and wrong: NLL ~ 240 nats, so compare NLL, not exp(NLL))
+    assert rot_r["mean_nll"] == pytest.approx(float_r["mean_nll"], rel=1e-5)  # rotations alone are exact
+    assert q_r["mean_nll"] != pytest.approx(float_r["mean_nll"], rel=1e-3)  # MXFP4 does change the model
+
+
+def test_export_writes_plots_next_to_report(exported):
+    _, outs = exported
+    report = json.loads((outs["w4a4"] / "report.json").read_text())
+    assert report["plots"]["files"] == ["block_variance.png", "codeword_occupancy.png"]
+    for name in report["plots"]["files"]:
+        assert (outs["w4a4"] / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    site = next(s for s in report["sites"] if s["activation"] == report["plots"]["site"])
+    assert site["block_variance_spread"]["before"] == max(s["block_variance_spread"]["before"] for s in report["sites"])
+    assert len(site["block_variances"]["before"]) == site["hidden_size"] // 32
+    assert sum(site["codeword_occupancy"]["after"]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/model.onnx"], "no ONNX model at"),
+        (["__MODEL__", "--stride", "64"], "--stride must be"),
+        (["__MODEL__", "--text", "/nonexistent.txt"], "text file not found"),
+    ],
+)
+def test_eval_cli_bad_input(exported, args, message):
+    _, outs = exported
+    args = [str(outs["w4a4"]) if a == "__MODEL__" else a for a in args]
+    res = CliRunner().invoke(app, ["eval", *args, "--seq-len", "64"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+
+
+def test_plot_site_selection(exported):
+    from torq_onnx import plots
+
+    _, outs = exported
+    report = json.loads((outs["w4a4"] / "report.json").read_text())
+    assert plots.choose_site(report, "1")["activation"] == report["sites"][1]["activation"]
+    assert plots.choose_site(report, report["sites"][2]["layers"][0]) is report["sites"][2]
+    with pytest.raises(TorqError, match="no rotation site named"):
+        plots.choose_site(report, "nope")

