@@ -44,12 +44,13 @@ class SolveRotations(InPlacePass):
     """
 
     def __init__(self, ctx: ExportContext, method: str, scale_rule: mxfp4.ScaleRule = "floor", seed: int = 0,
-                 progress: Callable[[Iterable], Iterable] | None = None) -> None:
+                 progress: Callable[[Iterable], Iterable] | None = None, solver_options: dict | None = None) -> None:
         super().__init__()
         if method not in torq.METHODS:
             raise TorqError(f"unknown method {method!r}; choose one of {', '.join(torq.METHODS)}")
         self.ctx, self.method, self.scale_rule, self.seed = ctx, method, scale_rule, seed
         self.progress = progress or (lambda it: it)
+        self.solver_options = solver_options or {}  # extra torq.solve_rotation keywords (ablations)
 
     def requires(self, model: ir.Model) -> None:
         if any(s.stats is None for s in self.ctx.sites):
@@ -59,7 +60,7 @@ class SolveRotations(InPlacePass):
         for i, site in enumerate(self.progress(self.ctx.sites)):
             site.rotation = torq.solve_rotation(
                 self.method, site.d, cov=site_covariance(site), sample_rows=site.stats.reservoir,
-                scale_rule=self.scale_rule, seed=self.seed + i,
+                scale_rule=self.scale_rule, seed=self.seed + i, **self.solver_options,
             )
             site.report = site_report(site, self.scale_rule)
         return PassResult(model, modified=False)

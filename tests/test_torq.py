@@ -171,3 +171,16 @@ def test_codebook_entropy_bounds():
     h = torq.codebook_entropy(rng.standard_normal((1000, 32)))
     assert 0 < h <= 3.0
     assert mxfp4.BLOCK_SIZE == 32
+
+
+def test_ablation_switches_turn_off_exactly_one_level():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((512, 128)) * np.exp(rng.normal(0, 1.5, 128))
+    cov = torq.block_second_moment(x)
+    no_inter = torq.solve_rotation("torq", 128, cov=cov, sample_rows=x, inter_block=False)
+    no_intra = torq.solve_rotation("torq", 128, cov=cov, sample_rows=x, intra_refine=False)
+    full = torq.solve_rotation("torq", 128, cov=cov, sample_rows=x)
+    np.testing.assert_array_equal(no_inter.r_inter, np.eye(4))
+    np.testing.assert_array_equal(no_intra.r_intra, torq.hadamard(32))
+    np.testing.assert_allclose(no_intra.r_inter, full.r_inter)  # the other level is untouched
+    assert not np.allclose(full.r_inter, np.eye(4)) and not np.allclose(full.r_intra, torq.hadamard(32))

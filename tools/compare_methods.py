@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from torq_onnx import evaluate, models, pipeline
@@ -35,6 +37,28 @@ def score(model_path: Path, ids, seq_len: int, stride: int) -> evaluate.Perplexi
     return evaluate.perplexity(load_session(model_path), ids, seq_len, stride)
 
 
+def site_kind(layer: str) -> str:
+    """'/model/layers.11/mlp/down_proj/MatMul' -> 'mlp/down_proj': one row per layer type."""
+    parts = [p for p in re.sub(r"\.\d+", "", layer).split("/") if p and p not in ("model", "layers", "MatMul", "Gemm")]
+    return "/".join(parts[-2:]) or layer
+
+
+def error_by_site_kind(out_dir: Path, runs: list[str]) -> str:
+    """Markdown table: mean held-in activation MXFP4 error per layer type and method (from
+    each export's report.json) - shows which layers a method helps and which it does not."""
+    per_run: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        report = json.loads((out_dir / run / "report.json").read_text())
+        for site in report["sites"]:
+            kinds = per_run.setdefault(run, {})
+            kinds.setdefault(site_kind(site["layers"][0]), []).append(site["activation_quant_error"]["after"])
+    kinds = sorted({k for r in per_run.values() for k in r})
+    lines = ["| layer input | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for k in kinds:
+        lines.append(f"| {k} | " + " | ".join(f"{np.mean(per_run[r][k]):.4f}" for r in runs) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default=models.DEFAULT_MODEL)
@@ -46,6 +70,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--modes", default="w4a4,a4", help="w4a4 (MXFP4 weights+activations), a4 (activations only)")
     ap.add_argument("--text", default=None)
+    ap.add_argument("--ablations", action="store_true", help="add torq without R_inter and torq without the entropy refinement")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -71,23 +96,27 @@ def main() -> None:
         del base
         print(f"calibrated {len(calibrated.sites)} sites on {len(batches)}x{args.seq_len} tokens in {t_calib:.0f} s", flush=True)
 
-        for method in methods:
+        variants = [(m, m, {}) for m in methods]
+        if args.ablations:
+            variants += [("torq-no-inter", "torq", {"inter_block": False}), ("torq-no-intra", "torq", {"intra_refine": False})]
+        for name, method, solver_options in variants:
             for mode in modes:
                 o = pipeline.ExportOptions(method=method, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                                           weights="mxfp4" if mode == "w4a4" else "float", progress=False)
+                                           weights="mxfp4" if mode == "w4a4" else "float", progress=False,
+                                           solver_options=solver_options)
                 t2 = time.perf_counter()
                 model_ir = pipeline.load_ir(src.onnx_path)
                 ctx = calibrated.calibrated_copy()
                 pipeline.transform(model_ir, ctx, o)
                 report = pipeline.build_report(ctx, o, {"calibration_shared": t_calib}, args.model)
-                out = pipeline.write_output(model_ir, args.out / f"{method}-{mode}", tokenizer, report, o)
+                out = pipeline.write_output(model_ir, args.out / f"{name}-{mode}", tokenizer, report, o)
                 t_export = time.perf_counter() - t2
                 del model_ir
                 res = score(out, ids, args.seq_len, args.stride)
-                rows.append({"method": method, "mode": mode, "ppl": res.perplexity, "export_s": t_export,
+                rows.append({"method": name, "mode": mode, "ppl": res.perplexity, "export_s": t_export,
                              "size_mb": folder_size_mb(out.parent) - folder_size_mb(out.parent / "tokenizer"),
                              "act_err": report["summary"]["mean_activation_quant_error"]["after"], "eval_s": res.seconds})
-                print(f"{method} {mode}: ppl {res.perplexity:.3f}", flush=True)
+                print(f"{name} {mode}: ppl {res.perplexity:.3f}", flush=True)
     finally:
         src.cleanup()
 
@@ -107,7 +136,8 @@ def main() -> None:
         quant = {"-": "none (float)", "w4a4": "W4A4", "a4": "A4 only"}[r["mode"]]
         err = "-" if r["act_err"] is None else f"{r['act_err']:.4f}"
         lines.append(f"| {r['method']} | {quant} | {r['ppl']:.3f} | {closed} | {err} | {r['export_s']:.0f} | {r['size_mb']:.0f} |")
-    table = "\n".join(lines)
+    runs = [f"{name}-{modes[0]}" for name, _, _ in variants]
+    table = "\n".join(lines) + "\n\nMean activation MXFP4 error by layer input (calibration sample):\n\n" + error_by_site_kind(args.out, runs)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "compare.md", table + "\n")

@@ -6,7 +6,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class ExportOptions:
     seed: int = 0
     progress: bool = True
     plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
+    solver_options: dict = field(default_factory=dict)  # torq.solve_rotation keywords, e.g. inter_block=False
 
 
 def _bar(enabled: bool, desc: str, total: int | None = None):
@@ -79,7 +80,8 @@ def transform(model: ir.Model, ctx: ExportContext, opts: ExportOptions) -> None:
     _run(
         model,
         NameNodes(),  # deterministic: a fresh load of the same file gets the same names
-        SolveRotations(ctx, opts.method, opts.scale_rule, opts.seed, progress=_bar(opts.progress, f"solve ({opts.method})")),
+        SolveRotations(ctx, opts.method, opts.scale_rule, opts.seed, progress=_bar(opts.progress, f"solve ({opts.method})"),
+                       solver_options=opts.solver_options),
         FoldRotations(ctx),
         QuantizeWeights(ctx, opts.weights, opts.scale_rule),
         InsertRotateQuantize(ctx, opts.quantize_activations, opts.scale_rule),

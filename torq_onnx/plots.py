@@ -30,10 +30,27 @@ def choose_site(report: dict, site: str | int | None = None) -> dict:
     raise TorqError(f"no rotation site named {site!r} (give an activation name, a layer name or an index)")
 
 
-def _png(fig) -> bytes:
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, title: str) -> bytes:
+    """Label the axes, render the figure to PNG bytes and free it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
     return buf.getvalue()
+
+
+def _before_after(plt, values: dict, labels: tuple[str, str], reference: tuple[float, str], size: tuple[float, float]):
+    """A figure with paired before/after bars and a dashed reference line."""
+    before, after = (np.asarray(values[k]) for k in ("before", "after"))
+    fig, ax = plt.subplots(figsize=size)
+    idx = np.arange(before.size)
+    ax.bar(idx - 0.2, before, width=0.4, label=labels[0], color="tab:red")
+    ax.bar(idx + 0.2, after, width=0.4, label=labels[1], color="tab:blue")
+    ax.axhline(reference[0], color="k", lw=0.8, ls="--", label=reference[1])
+    return fig, ax
 
 
 def site_plots(site: dict, method: str) -> dict[str, bytes]:
@@ -46,32 +63,21 @@ def site_plots(site: dict, method: str) -> dict[str, bytes]:
     layer = site["layers"][0] + (f" (+{len(site['layers']) - 1})" if len(site["layers"]) > 1 else "")
     out: dict[str, bytes] = {}
 
-    before, after = (np.asarray(site["block_variances"][k]) for k in ("before", "after"))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    idx = np.arange(before.size)
-    ax.bar(idx - 0.2, before, width=0.4, label=f"before (spread {site['block_variance_spread']['before']:.2f})", color="tab:red")
-    ax.bar(idx + 0.2, after, width=0.4, label=f"after {method} (spread {site['block_variance_spread']['after']:.2f})", color="tab:blue")
-    ax.axhline(before.mean(), color="k", lw=0.8, ls="--", label="tr(Σ)/B")
+    spread = site["block_variance_spread"]
+    fig, ax = _before_after(
+        plt, site["block_variances"],
+        (f"before (spread {spread['before']:.2f})", f"after {method} (spread {spread['after']:.2f})"),
+        (float(np.mean(site["block_variances"]["before"])), "tr(Σ)/B"), (8, 3.6),
+    )
     ax.set_yscale("log")
-    ax.set_xlabel("block (32 channels each)")
-    ax.set_ylabel("mean square")
-    ax.set_title(f"Per-block variance, {layer}", fontsize=9)
-    ax.legend(fontsize=8)
-    out["block_variance.png"] = _png(fig)
-    plt.close(fig)
+    out["block_variance.png"] = _finish(plt, fig, ax, "block (32 channels each)", "mean square", f"Per-block variance, {layer}")
 
-    before, after = (np.asarray(site["codeword_occupancy"][k]) for k in ("before", "after"))
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    idx = np.arange(FP4_MAGNITUDES.size)
     ent = site["codebook_entropy_bits"]
-    ax.bar(idx - 0.2, before, width=0.4, label=f"before ({ent['before']:.2f} bits)", color="tab:red")
-    ax.bar(idx + 0.2, after, width=0.4, label=f"after {method} ({ent['after']:.2f} bits)", color="tab:blue")
-    ax.axhline(1 / FP4_MAGNITUDES.size, color="k", lw=0.8, ls="--", label="uniform (3 bits)")
-    ax.set_xticks(idx, [f"±{m:g}" for m in FP4_MAGNITUDES])
-    ax.set_xlabel("FP4 E2M1 magnitude")
-    ax.set_ylabel("fraction of elements")
-    ax.set_title(f"FP4 codeword occupancy, {layer}", fontsize=9)
-    ax.legend(fontsize=8)
-    out["codeword_occupancy.png"] = _png(fig)
-    plt.close(fig)
+    fig, ax = _before_after(
+        plt, site["codeword_occupancy"],
+        (f"before ({ent['before']:.2f} bits)", f"after {method} ({ent['after']:.2f} bits)"),
+        (1 / FP4_MAGNITUDES.size, "uniform (3 bits)"), (6, 3.6),
+    )
+    ax.set_xticks(np.arange(FP4_MAGNITUDES.size), [f"±{m:g}" for m in FP4_MAGNITUDES])
+    out["codeword_occupancy.png"] = _finish(plt, fig, ax, "FP4 E2M1 magnitude", "fraction of elements", f"FP4 codeword occupancy, {layer}")
     return out

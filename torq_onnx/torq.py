@@ -426,6 +426,8 @@ def solve_rotation(
     scale_rule: mxfp4.ScaleRule = "floor",
     seed: int = 0,
     intra_init: str = "hadamard",
+    inter_block: bool = True,
+    intra_refine: bool = True,
 ) -> Rotation:
     """Rotation for one site by ``method``.
 
@@ -434,7 +436,8 @@ def solve_rotation(
     when B is a power of two; a random orthogonal R_inter otherwise). torq: Schur-Horn
     inter-block equalization from ``cov`` then max-entropy intra-block Givens on
     ``sample_rows`` (token activations [T, D]) rotated by R_inter, starting from
-    ``intra_init`` ("hadamard" or "identity").
+    ``intra_init`` ("hadamard" or "identity"). ``inter_block=False`` / ``intra_refine=False``
+    switch off one level (ablations: R_inter = I, or R_intra = its init).
     """
     b = n_blocks(d)
     if method == "rtn":
@@ -448,11 +451,15 @@ def solve_rotation(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if cov is None or sample_rows is None:
         raise ValueError("torq needs calibration statistics (covariance and sample activations)")
-    inter = solve_inter_block(cov)
+    if inter_block:
+        inter = solve_inter_block(cov)
+    else:  # ablation: keep the blocks as they are
+        v = np.diag(cov)
+        inter = InterBlockResult(np.eye(b), 0, float(np.abs(v / v.mean() - 1).max()) if v.mean() > 0 else 0.0, False)
     samples = np.asarray(sample_rows, dtype=np.float64).reshape(-1, d)
     y = apply_rotation(samples, inter.rotation, np.eye(BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
     init = {"hadamard": hadamard(BLOCK_SIZE), "identity": None}[intra_init]
-    intra = solve_intra_block(y, scale_rule=scale_rule, init=init, seed=seed)
+    intra = solve_intra_block(y, scale_rule=scale_rule, init=init, seed=seed, max_rounds=10 if intra_refine else 0)
     info = {
         "inter_iterations": inter.iterations,
         "inter_max_relative_deviation": inter.max_relative_deviation,
