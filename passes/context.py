@@ -70,3 +70,13 @@ def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
     return {n.name: n for n in graph}
+
+
+def site_weights(graph: ir.Graph, site: Site, nodes: dict[str, ir.Node] | None = None) -> np.ndarray:
+    """[D, N_total]: the weights of all the site's consumers side by side, as MatMul reads them."""
+    nodes = nodes if nodes is not None else node_by_name(graph)
+    mats = []
+    for cons in site.consumers:
+        w = nodes[cons.node_name].inputs[1].const_value.numpy()
+        mats.append(w.T if cons.transposed else w)
+    return np.concatenate(mats, axis=1)

@@ -35,11 +35,16 @@ def tiny_llama_dir(tmp_path_factory):
 
 def test_hf_decoder_folder_exports_and_evaluates(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(out), "--calib-samples", "2", "--seq-len", "64", "--quiet"])
+    solver_flags = ["--inter-min-spread", "1e9", "--no-intra-refine", "--output-guard"]
+    res = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(out), "--calib-samples", "2", "--seq-len", "64", "--quiet", *solver_flags])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
     # per layer: q/k/v input, o_proj input, gate/up input, down_proj input
     assert report["summary"]["sites"] == 8 and report["summary"]["linear_layers"] == 14
+    # the solver flags reach every site: no block equalization (spread < 1e9), no refinement, guard ran
+    for site in report["sites"]:
+        assert site["solver"]["inter_iterations"] == 0 and site["solver"]["intra_rounds"] == 0
+        assert site["solver"]["output_guard"]["chosen"] in site["solver"]["output_guard"]["errors"]
     names = {i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.output}
     assert "logits" in names
     res = CliRunner().invoke(app, ["eval", str(out), "--seq-len", "64", "--stride", "32", "--max-tokens", "300", "--quiet"])

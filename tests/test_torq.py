@@ -184,3 +184,14 @@ def test_ablation_switches_turn_off_exactly_one_level():
     np.testing.assert_array_equal(no_intra.r_intra, torq.hadamard(32))
     np.testing.assert_allclose(no_intra.r_inter, full.r_inter)  # the other level is untouched
     assert not np.allclose(full.r_inter, np.eye(4)) and not np.allclose(full.r_intra, torq.hadamard(32))
+
+
+def test_inter_block_only_where_the_spread_reaches_the_threshold():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((512, 128)) * np.exp(rng.normal(0, 1.5, 128))
+    cov = torq.block_second_moment(x)
+    spread = torq.block_variance_spread(x)
+    above = torq.solve_rotation("torq", 128, cov=cov, sample_rows=x, intra_refine=False, inter_min_spread=spread * 0.99)
+    below = torq.solve_rotation("torq", 128, cov=cov, sample_rows=x, intra_refine=False, inter_min_spread=spread * 1.01)
+    np.testing.assert_allclose(above.r_inter, torq.solve_inter_block(cov).rotation)
+    np.testing.assert_array_equal(below.r_inter, np.eye(4))

@@ -43,15 +43,15 @@ def site_kind(layer: str) -> str:
     return "/".join(parts[-2:]) or layer
 
 
-def error_by_site_kind(out_dir: Path, runs: list[str]) -> str:
-    """Markdown table: mean held-in activation MXFP4 error per layer type and method (from
-    each export's report.json) - shows which layers a method helps and which it does not."""
+def error_by_site_kind(out_dir: Path, runs: list[str], key: str) -> str:
+    """Markdown table: mean held-in ``key`` error (a report.json site statistic) per layer
+    type and method - shows which layers a method helps and which it does not."""
     per_run: dict[str, dict[str, list[float]]] = {}
     for run in runs:
         report = json.loads((out_dir / run / "report.json").read_text())
         for site in report["sites"]:
             kinds = per_run.setdefault(run, {})
-            kinds.setdefault(site_kind(site["layers"][0]), []).append(site["activation_quant_error"]["after"])
+            kinds.setdefault(site_kind(site["layers"][0]), []).append(site[key]["after"])
     kinds = sorted({k for r in per_run.values() for k in r})
     lines = ["| layer input | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
     for k in kinds:
@@ -68,9 +68,13 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model")
     ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--modes", default="w4a4,a4", help="w4a4 (MXFP4 weights+activations), a4 (activations only)")
+    ap.add_argument("--modes", default="w4a4,a4", help="w4a4 (MXFP4 weights+activations), a4 (activations only), w4 (weights only)")
     ap.add_argument("--text", default=None)
+    ap.add_argument("--scale-rule", default="floor", choices=("floor", "even", "rceil"))
     ap.add_argument("--ablations", action="store_true", help="add torq without R_inter and torq without the entropy refinement")
+    ap.add_argument("--outlier-inter", type=float, default=None, metavar="T",
+                    help="add torq with R_inter only where the block-variance spread is >= T and no entropy refinement")
+    ap.add_argument("--guard", action="store_true", help="add torq with the per-site output-error guard (--output-guard)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -98,12 +102,18 @@ def main() -> None:
 
         variants = [(m, m, {}) for m in methods]
         if args.ablations:
-            variants += [("torq-no-inter", "torq", {"inter_block": False}), ("torq-no-intra", "torq", {"intra_refine": False})]
-        for name, method, solver_options in variants:
+            variants += [("torq-no-inter", "torq", {"solver_options": {"inter_block": False}}),
+                         ("torq-no-intra", "torq", {"solver_options": {"intra_refine": False}})]
+        if args.outlier_inter is not None:  # R_inter only at sites with block spread >= T, R_intra = H32
+            variants.append((f"torq-inter-spread>={args.outlier_inter:g}-no-intra", "torq",
+                             {"solver_options": {"intra_refine": False, "inter_min_spread": args.outlier_inter}}))
+        if args.guard:
+            variants.append(("torq+guard", "torq", {"output_guard": True}))
+        for name, method, extra in variants:
             for mode in modes:
                 o = pipeline.ExportOptions(method=method, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                                           weights="mxfp4" if mode == "w4a4" else "float", progress=False,
-                                           solver_options=solver_options)
+                                           weights="float" if mode == "a4" else "mxfp4", quantize_activations=mode != "w4",
+                                           scale_rule=args.scale_rule, progress=False, **extra)
                 t2 = time.perf_counter()
                 model_ir = pipeline.load_ir(src.onnx_path)
                 ctx = calibrated.calibrated_copy()
@@ -115,7 +125,8 @@ def main() -> None:
                 res = score(out, ids, args.seq_len, args.stride)
                 rows.append({"method": name, "mode": mode, "ppl": res.perplexity, "export_s": t_export,
                              "size_mb": folder_size_mb(out.parent) - folder_size_mb(out.parent / "tokenizer"),
-                             "act_err": report["summary"]["mean_activation_quant_error"]["after"], "eval_s": res.seconds})
+                             "act_err": report["summary"]["mean_activation_quant_error"]["after"],
+                             "out_err": report["summary"]["mean_layer_output_error"]["after"], "eval_s": res.seconds})
                 print(f"{name} {mode}: ppl {res.perplexity:.3f}", flush=True)
     finally:
         src.cleanup()
@@ -125,19 +136,22 @@ def main() -> None:
     lines = [
         f"Model: {args.model}; eval: {res.scored_tokens} held-out tokens (seq {args.seq_len}, stride {args.stride}); "
         f"calibration: {len(batches)}x{args.seq_len} tokens, shared by all methods ({t_calib:.0f} s); "
-        f"machine: {platform.machine()}, {ort.get_device()} ONNX Runtime {ort.__version__}",
+        f"scale rule: {args.scale_rule}; machine: {platform.machine()}, {ort.get_device()} ONNX Runtime {ort.__version__}",
         "",
-        "| method | quantized | PPL | RTN->float gap closed | mean act. MXFP4 error | export s (excl. calibration) | model MB |",
-        "|---|---|---|---|---|---|---|",
+        "| method | quantized | PPL | RTN->float gap closed | mean act. MXFP4 error | mean layer-output error | export s (excl. calibration) | model MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gap = rtn.get(r["mode"])
         closed = "-" if gap is None or r["method"] == "float" else f"{(gap - r['ppl']) / (gap - ppl_float) * 100:.1f}%"
-        quant = {"-": "none (float)", "w4a4": "W4A4", "a4": "A4 only"}[r["mode"]]
-        err = "-" if r["act_err"] is None else f"{r['act_err']:.4f}"
-        lines.append(f"| {r['method']} | {quant} | {r['ppl']:.3f} | {closed} | {err} | {r['export_s']:.0f} | {r['size_mb']:.0f} |")
+        quant = {"-": "none (float)", "w4a4": "W4A4", "a4": "A4 only", "w4": "W4 only"}[r["mode"]]
+        err = "-" if r["act_err"] is None or r["mode"] == "w4" else f"{r['act_err']:.4f}"
+        out_err = "-" if r.get("out_err") is None else f"{r['out_err']:.4f}"
+        lines.append(f"| {r['method']} | {quant} | {r['ppl']:.3f} | {closed} | {err} | {out_err} | {r['export_s']:.0f} | {r['size_mb']:.0f} |")
     runs = [f"{name}-{modes[0]}" for name, _, _ in variants]
-    table = "\n".join(lines) + "\n\nMean activation MXFP4 error by layer input (calibration sample):\n\n" + error_by_site_kind(args.out, runs)
+    table = "\n".join(lines)
+    for key, title in (("activation_quant_error", "activation MXFP4 error"), ("layer_output_error", "layer-output error")):
+        table += f"\n\nMean {title} by layer input, {modes[0]} (calibration sample):\n\n" + error_by_site_kind(args.out, runs, key)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "compare.md", table + "\n")

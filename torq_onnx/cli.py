@@ -34,6 +34,11 @@ def export(
     text: Optional[str] = typer.Option(None, help="Calibration text file (default: built-in English corpus)"),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for a bare .onnx model"),
     plot_site: Optional[str] = typer.Option(None, help="Site to plot (activation/layer name or index; default: most uneven blocks)"),
+    output_guard: bool = typer.Option(False, help="torq: per site, keep whichever of torq / torq-no-inter / torq-no-intra / brq "
+                                      "has the lowest layer-output error on the calibration tokens"),
+    inter_min_spread: float = typer.Option(0.0, help="torq: equalize blocks (R_inter) only at sites whose block-variance "
+                                           "spread (max/mean) is at least this; 0 = everywhere, as in the paper"),
+    intra_refine: bool = typer.Option(True, help="torq: refine R_intra by max-entropy Givens rotations (off: 32x32 Hadamard)"),
     quiet: bool = typer.Option(False, help="No progress bars"),
 ) -> None:
     """Rotate, fold and quantize MODEL; write OUT/model.onnx and OUT/report.json."""
@@ -47,7 +52,8 @@ def export(
             raise TorqError("--calib-samples and --seq-len must be positive")
         opts = ExportOptions(method=method, calib_samples=calib_samples, seq_len=seq_len, weights=weights,
                              quantize_activations=activations == "mxfp4", scale_rule=scale_rule, progress=not quiet,
-                             plot_site=plot_site)
+                             plot_site=plot_site, output_guard=output_guard,
+                             solver_options={"inter_min_spread": inter_min_spread, "intra_refine": intra_refine})
         path = run_export(model, out, opts, text_path=text, tokenizer_dir=tokenizer)
     except (TorqError, ValueError) as exc:
         _fail(exc)
@@ -55,7 +61,8 @@ def export(
     s = report["summary"]
     Console().print(
         f"wrote [bold]{path}[/] ({s['sites']} rotation sites, {s['linear_layers']} linear layers); "
-        f"activation MXFP4 error {s['mean_activation_quant_error']['before']:.4f} -> {s['mean_activation_quant_error']['after']:.4f}"
+        f"activation MXFP4 error {s['mean_activation_quant_error']['before']:.4f} -> {s['mean_activation_quant_error']['after']:.4f}; "
+        f"layer output error {s['mean_layer_output_error']['before']:.4f} -> {s['mean_layer_output_error']['after']:.4f}"
     )
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +67,23 @@ def check_onnx_file(path: Path) -> None:
         raise TorqError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
 
 
+@contextlib.contextmanager
+def third_party_quiet() -> Iterator[None]:
+    """Silence the tracer/deprecation chatter of torch.onnx, transformers and optimum (known,
+    benign for these exports: the graphs are checked by our own tests at other lengths);
+    our errors still surface as exceptions."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def export_hf(model_dir: Path, opset: int = MIN_OPSET) -> SourceModel:
     """Export a local HF model folder to ONNX with optimum-onnx, offline, without KV cache."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,7 +98,9 @@ def export_hf(model_dir: Path, opset: int = MIN_OPSET) -> SourceModel:
     task = "text-generation" if config.is_decoder or getattr(config, "architectures", [""])[0].endswith("CausalLM") else "feature-extraction"
     work = tempfile.TemporaryDirectory(prefix="torq-export-")
     try:
-        main_export(str(model_dir), output=work.name, task=task, opset=opset, do_validation=False, no_post_process=True, device="cpu", library_name="transformers")
+        with third_party_quiet():
+            main_export(str(model_dir), output=work.name, task=task, opset=opset, do_validation=False, no_post_process=True,
+                        device="cpu", library_name="transformers")
     except Exception as exc:
         work.cleanup()
         raise TorqError(f"optimum-onnx could not export {model_dir}: {exc}") from exc
@@ -104,10 +126,11 @@ def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
 
     work = tempfile.TemporaryDirectory(prefix="torq-gguf-")
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-        model.save_pretrained(work.name)
-        tok.save_pretrained(work.name)
+        with third_party_quiet():
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+            model.save_pretrained(work.name)
+            tok.save_pretrained(work.name)
     except Exception as exc:
         work.cleanup()
         raise TorqError(f"could not read GGUF model {gguf}: {exc}") from None
@@ -147,6 +170,7 @@ def load_tokenizer(tokenizer_dir: Path | None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        with third_party_quiet():
+            return AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as exc:
         raise TorqError(f"could not load a tokenizer from {tokenizer_dir}: {exc}") from None

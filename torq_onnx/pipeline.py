@@ -46,6 +46,7 @@ class ExportOptions:
     progress: bool = True
     plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
     solver_options: dict = field(default_factory=dict)  # torq.solve_rotation keywords, e.g. inter_block=False
+    output_guard: bool = False  # torq: per site keep the lowest layer-output error of torq and its ablations / brq
 
 
 def _bar(enabled: bool, desc: str, total: int | None = None):
@@ -81,12 +82,14 @@ def transform(model: ir.Model, ctx: ExportContext, opts: ExportOptions) -> None:
         model,
         NameNodes(),  # deterministic: a fresh load of the same file gets the same names
         SolveRotations(ctx, opts.method, opts.scale_rule, opts.seed, progress=_bar(opts.progress, f"solve ({opts.method})"),
-                       solver_options=opts.solver_options),
+                       solver_options=opts.solver_options, quantize_weights=opts.weights != "float",
+                       quantize_activations=opts.quantize_activations, output_guard=opts.output_guard),
         FoldRotations(ctx),
         QuantizeWeights(ctx, opts.weights, opts.scale_rule),
         InsertRotateQuantize(ctx, opts.quantize_activations, opts.scale_rule),
         Finalize({"method": opts.method, "scale_rule": opts.scale_rule, "weights": opts.weights,
-                  "activations": "mxfp4" if opts.quantize_activations else "float", "version": __version__}),
+                  "activations": "mxfp4" if opts.quantize_activations else "float", "version": __version__,
+                  "output_guard": opts.output_guard and opts.method == "torq"}),
     )
 
 
@@ -110,6 +113,7 @@ def build_report(ctx: ExportContext, opts: ExportOptions, timings: dict[str, flo
             "mean_activation_quant_error": {"before": mean("activation_quant_error", "before"), "after": mean("activation_quant_error", "after")},
             "mean_codebook_entropy_bits": {"before": mean("codebook_entropy_bits", "before"), "after": mean("codebook_entropy_bits", "after")},
             "mean_block_variance_spread": {"before": mean("block_variance_spread", "before"), "after": mean("block_variance_spread", "after")},
+            "mean_layer_output_error": {"before": mean("layer_output_error", "before"), "after": mean("layer_output_error", "after")},
         },
         "timings_s": timings,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

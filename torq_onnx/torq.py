@@ -428,6 +428,7 @@ def solve_rotation(
     intra_init: str = "hadamard",
     inter_block: bool = True,
     intra_refine: bool = True,
+    inter_min_spread: float = 0.0,
 ) -> Rotation:
     """Rotation for one site by ``method``.
 
@@ -438,6 +439,9 @@ def solve_rotation(
     ``sample_rows`` (token activations [T, D]) rotated by R_inter, starting from
     ``intra_init`` ("hadamard" or "identity"). ``inter_block=False`` / ``intra_refine=False``
     switch off one level (ablations: R_inter = I, or R_intra = its init).
+    ``inter_min_spread``: equalize blocks only where their variance spread (max/mean of
+    diag(cov)) is at least this; measured on SmolLM2, R_inter lowers the layer error only
+    at massive-outlier sites (spread > 20) and raises it at most others.
     """
     b = n_blocks(d)
     if method == "rtn":
@@ -451,10 +455,11 @@ def solve_rotation(
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if cov is None or sample_rows is None:
         raise ValueError("torq needs calibration statistics (covariance and sample activations)")
-    if inter_block:
+    v = np.diag(cov)
+    spread = float(v.max() / v.mean()) if v.mean() > 0 else 1.0
+    if inter_block and spread >= inter_min_spread:
         inter = solve_inter_block(cov)
-    else:  # ablation: keep the blocks as they are
-        v = np.diag(cov)
+    else:  # keep the blocks as they are
         inter = InterBlockResult(np.eye(b), 0, float(np.abs(v / v.mean() - 1).max()) if v.mean() > 0 else 0.0, False)
     samples = np.asarray(sample_rows, dtype=np.float64).reshape(-1, d)
     y = apply_rotation(samples, inter.rotation, np.eye(BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
