@@ -66,3 +66,17 @@ def test_output_guard_in_the_pipeline():
     feeds = batches(1, 24, seed=9)[0]
     ref = run(base, feeds)
     np.testing.assert_allclose(run(model, feeds), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_wide_layers_are_measured_on_a_column_subset():
+    from torq_onnx.passes import ExportContext, SolveRotations
+
+    solver = SolveRotations(ExportContext(), "torq")
+    w = np.arange(32 * 1000, dtype=np.float32).reshape(32, 1000)
+    sub = solver._columns(w, seed=0)
+    assert sub.shape == (32, solver.REPORT_COLUMNS)
+    cols = sub[0].astype(int)  # row 0 holds the column indices
+    assert np.all(np.diff(cols) > 0) and np.array_equal(sub, w[:, cols])
+    assert np.array_equal(solver._columns(w, seed=0), sub)  # deterministic
+    narrow = w[:, :100]
+    assert solver._columns(narrow, seed=0) is narrow
