@@ -456,8 +456,7 @@ def solve_rotation(
     if cov is None or sample_rows is None:
         raise ValueError("torq needs calibration statistics (covariance and sample activations)")
     v = np.diag(cov)
-    spread = float(v.max() / v.mean()) if v.mean() > 0 else 1.0
-    if inter_block and spread >= inter_min_spread:
+    if inter_block and variance_spread(v) >= inter_min_spread:
         inter = solve_inter_block(cov)
     else:  # keep the blocks as they are
         inter = InterBlockResult(np.eye(b), 0, float(np.abs(v / v.mean() - 1).max()) if v.mean() > 0 else 0.0, False)
@@ -489,7 +488,11 @@ def block_variances(x: np.ndarray) -> np.ndarray:
     return np.diag(block_second_moment(x))
 
 
-def block_variance_spread(x: np.ndarray) -> float:
-    """max / mean of per-block second moments: 1.0 means perfectly equalized blocks."""
-    v = block_variances(x)
+def variance_spread(v: np.ndarray) -> float:
+    """max / mean of per-block second moments ``v``: 1.0 means perfectly equalized blocks."""
     return float(v.max() / v.mean()) if v.mean() > 0 else 1.0
+
+
+def block_variance_spread(x: np.ndarray) -> float:
+    """:func:`variance_spread` of the blocks of ``x`` ([..., D])."""
+    return variance_spread(block_variances(x))
