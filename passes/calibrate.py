@@ -17,6 +17,8 @@ from torq_onnx.passes.context import ExportContext, Site, SiteStats
 def update_stats(stats: SiteStats, acts: np.ndarray, rng: np.random.Generator, capacity: int) -> None:
     """Add a batch of token activations [T, D] to running stats (exact second moment + reservoir)."""
     stats.second_moment += torq.block_gram(acts)
+    if stats.gram is not None:
+        stats.gram += acts.T @ acts  # float32 GEMM per batch, float64 running sum
     stats.tokens += acts.shape[0]
     # reservoir sampling (Algorithm R), vectorized over the batch
     if stats.reservoir is None:
@@ -38,7 +40,8 @@ class Calibrate(InPlacePass):
     Requires: ``ctx.sites`` (FindLinearInputs) and an iterable of feed dicts matching the
     model's inputs. Ensures: every site has ``stats`` with ``tokens > 0``, a B x B second
     moment (summed over tokens and in-block positions) and a bounded reservoir of token
-    activations; memory does not grow with the number of calibration samples. Raises
+    activations; with ``hessian`` also the full D x D second moment (GPTQ, WUSH); memory
+    does not grow with the number of calibration samples. Raises
     TorqError on NaN/Inf activations, naming the site. The model is not modified (a
     serialized copy with the activations as extra outputs is what runs).
     """
@@ -51,9 +54,10 @@ class Calibrate(InPlacePass):
         seed: int = 0,
         progress: Callable[[Iterable], Iterable] | None = None,
         providers: list[str] | None = None,
+        hessian: bool = False,
     ) -> None:
         super().__init__()
-        self.ctx, self.batches = ctx, batches
+        self.ctx, self.batches, self.hessian = ctx, batches, hessian
         self.capacity, self.seed = reservoir_tokens, seed
         self.progress = progress or (lambda it: it)
         self.providers = providers or ["CPUExecutionProvider"]
@@ -78,7 +82,8 @@ class Calibrate(InPlacePass):
         sess = ort.InferenceSession(self._instrumented(model), opts, providers=self.providers)
         names = [s.activation for s in self.ctx.sites]
         for site in self.ctx.sites:
-            site.stats = SiteStats(second_moment=np.zeros((site.blocks, site.blocks)))
+            site.stats = SiteStats(second_moment=np.zeros((site.blocks, site.blocks)),
+                                   gram=np.zeros((site.d, site.d)) if self.hessian else None)
         rng = np.random.default_rng(self.seed)
         for feeds in self.progress(self.batches):
             outs = sess.run(names, feeds)

@@ -27,6 +27,13 @@ class SiteStats:
     tokens: int = 0
     reservoir: np.ndarray | None = None  # [<= capacity, D] uniform sample of token activations
     seen: int = 0
+    gram: np.ndarray | None = None  # [D, D] running sum of x x^T (only when a method needs the full moment)
+
+    def hessian(self) -> np.ndarray:
+        """``E[x x^T]`` [D, D] per token: GPTQ's Hessian and WUSH's block moments."""
+        if self.gram is None:
+            raise ValueError("the full second moment was not collected: calibrate with hessian=True")
+        return self.gram / max(self.tokens, 1)
 
 
 @dataclass

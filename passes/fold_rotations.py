@@ -6,13 +6,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
-from torq_onnx import torq
 from torq_onnx.errors import TorqError
 from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name
 
 
 class FoldRotations(InPlacePass):
-    """Replace each consumer's weight W by Q W (float64 product, cast back to W's dtype).
+    """Replace each consumer's weight W by Q W (Q^-T W for a non-orthogonal transform;
+    float64 product, cast back to W's dtype).
 
     Requires: sites with rotations (SolveRotations). Ensures: ``MatMul(Q x, W') ==
     MatMul(x, W)`` up to float rounding, for every consumer; a weight initializer shared
@@ -38,7 +38,7 @@ class FoldRotations(InPlacePass):
                 w_val = node.inputs[1]
                 w = w_val.const_value.numpy()
                 w64 = w.astype(np.float64).T if cons.transposed else w.astype(np.float64)
-                folded = torq.fold_into_weight(w64, rot.r_inter, rot.r_intra)
+                folded = rot.fold(w64)
                 folded = (folded.T if cons.transposed else folded).astype(w.dtype)
                 if len(w_val.uses()) == 1:
                     w_val.const_value = ir.tensor(folded, name=w_val.name)

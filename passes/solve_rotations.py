@@ -39,7 +39,7 @@ def site_report(site: Site, scale_rule: mxfp4.ScaleRule, output_errors: dict[str
 
 
 class SolveRotations(InPlacePass):
-    """Solve each site's rotation (rtn | brq | quarot | torq).
+    """Solve each site's transform (rtn | brq | quarot | torq | wush | torq-wush).
 
     With ``output_guard`` (torq only), each site keeps whichever of the four combinations
     R_inter in {Schur-Horn, I} x R_intra in {refined, 32x32 Hadamard} (torq, torq-no-inter,
@@ -47,9 +47,11 @@ class SolveRotations(InPlacePass):
     tokens (:mod:`torq_onnx.output_error`), with the deployed weight/activation quantization.
     The guard judges on a random half of the calibration reservoir that torq did not fit.
 
-    Requires: sites with calibration stats (Calibrate; rtn/brq/quarot only need sites) and
-    the consumers' original (unfolded) weights in the graph. Ensures: every site has an
-    orthogonal ``rotation`` (checked to 1e-8) and a ``report`` entry. The graph is not modified.
+    Requires: sites with calibration stats (Calibrate; wush and torq-wush need its full
+    second moment) and the consumers' original (unfolded) weights in the graph. Ensures:
+    every site has a ``rotation``, orthogonal (checked to 1e-8) for every method but the
+    WUSH ones, whose per-block transforms are checked finite and invertible, and a
+    ``report`` entry. The graph is not modified.
     """
 
     REPORT_TOKENS = 512  # layer-output error in the report: a random subset keeps it cheap
@@ -71,16 +73,20 @@ class SolveRotations(InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if any(s.stats is None for s in self.ctx.sites):
             raise TorqError("SolveRotations needs calibration statistics: run Calibrate first")
+        if self.method in torq.NEEDS_HESSIAN and any(s.stats.gram is None for s in self.ctx.sites):
+            raise TorqError(f"--method {self.method} needs the full input second moment: run Calibrate with hessian=True")
 
     def call(self, model: ir.Model) -> PassResult:
         nodes = node_by_name(model.graph)
         for i, site in enumerate(self.progress(self.ctx.sites)):
             fit, check = self._split(site.stats.reservoir, self.seed + i)
+            w_all = site_weights(model.graph, site, nodes)
+            data = {"hessian": site.stats.hessian(), "weights": w_all} if self.method in torq.NEEDS_HESSIAN else {}
             rot = torq.solve_rotation(
                 self.method, site.d, cov=site_covariance(site), sample_rows=fit,
-                scale_rule=self.scale_rule, seed=self.seed + i, **self.solver_options,
+                scale_rule=self.scale_rule, seed=self.seed + i, **self.solver_options, **data,
             )
-            w = self._columns(site_weights(model.graph, site, nodes), self.seed + i)
+            w = self._columns(w_all, self.seed + i)
             before = output_error.layer_output_error(check, w, torq.identity_rotation(site.d), **self.quant)
             if self.output_guard:
                 h32, eye = torq.hadamard(torq.BLOCK_SIZE), np.eye(site.blocks)
@@ -116,4 +122,7 @@ class SolveRotations(InPlacePass):
     def ensures(self, model: ir.Model) -> None:
         for site in self.ctx.sites:
             rot = site.rotation
-            assert torq.orthogonality_error(rot.r_inter) < 1e-8 and torq.orthogonality_error(rot.r_intra) < 1e-8, site.activation
+            if rot.orthogonal:
+                assert torq.orthogonality_error(rot.r_inter) < 1e-8 and torq.orthogonality_error(rot.r_intra) < 1e-8, site.activation
+            else:  # data-aware transforms must at least be finite and invertible
+                assert np.isfinite(rot.r_intra).all() and np.all(np.linalg.cond(rot.r_intra) < 1e12), site.activation

@@ -91,12 +91,17 @@ def _quantize_blocks(f: _Body, z: str, bump: str) -> str:
 
 
 def _rotate(f: _Body) -> str:
-    """float32 ``R_inter @ X @ R_intra`` of the function input ``x`` as [..., B, 32]."""
+    """float32 ``R_inter @ X @ R_intra`` of the function input ``x`` as [..., B, 1, 32].
+
+    The singleton axis lets one body serve a shared ``r_intra`` [32, 32] and a per-block
+    one [B, 32, 32] (MatMul broadcasts [..., B, 1, 32] against both); every output element
+    is the same length-32 dot product either way."""
     xf = f.op("Cast", "x", to=TensorProto.FLOAT)
     lead = f.op("Slice", f.op("Shape", "x"), f.const([0], np.int64), f.const([-1], np.int64))
     nb = f.op("Slice", f.op("Shape", "r_inter"), f.const([0], np.int64), f.const([1], np.int64))
     blocks = f.op("Reshape", xf, f.op("Concat", lead, nb, f.const([32], np.int64), axis=0))
-    return f.op("MatMul", f.op("MatMul", "r_inter", blocks), "r_intra")
+    mixed = f.op("Unsqueeze", f.op("MatMul", "r_inter", blocks), f.const([-2], np.int64))
+    return f.op("MatMul", mixed, "r_intra")
 
 
 def _finish(f: _Body, y: str) -> None:
@@ -113,9 +118,10 @@ def rotate_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
 
 
 def rotate_quantize_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
-    """``TorqRotateQuantize(x [..., D], r_inter [B, B], r_intra [32, 32]) -> y`` (x's dtype).
+    """``TorqRotateQuantize(x [..., D], r_inter [B, B], r_intra [32, 32] or [B, 32, 32]) -> y``.
 
-    ``y = MXFP4(R_inter @ X @ R_intra)`` with ``X = x.reshape(..., B, 32)``, computed in
+    ``y = MXFP4(R_inter @ X @ R_intra)`` (x's dtype) with ``X = x.reshape(..., B, 32)`` and a
+    per-block ``R_intra[b]`` applied to block ``b`` when it is 3-D (WUSH), computed in
     float32. Attribute ``bump_threshold`` (float) encodes the scale rule (see
     :func:`bump_threshold`); :func:`make_rotate_quantize_node` sets it from a rule name.
     """

@@ -18,7 +18,8 @@ def bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) | (np.isnan(a) & np.isnan(b))
 
 
-def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = False) -> ort.InferenceSession:
+def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = False, per_block: bool = False) -> ort.InferenceSession:
+    """The op alone; ``per_block``: r_intra is [B, 32, 32] (one transform per block)."""
     b = d // 32
     nodes = [F.make_rotate_quantize_node("x", "ri", "rk", "y", rule)]
     outputs = [helper.make_tensor_value_info("y", dtype, ["n", d])]
@@ -27,15 +28,18 @@ def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = Fa
             helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
             helper.make_node("Reshape", ["xf", "blk_shape"], ["xb"]),
             helper.make_node("MatMul", ["ri", "xb"], ["yb"]),
-            helper.make_node("MatMul", ["yb", "rk"], ["zb"]),
+            helper.make_node("Unsqueeze", ["yb", "axis_m2"], ["yb1"]),
+            helper.make_node("MatMul", ["yb1", "rk"], ["zb"]),
             helper.make_node("Reshape", ["zb", "flat_shape"], ["z"]),
         ]
         outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", d]))
-    inits = [onnx.numpy_helper.from_array(np.array([-1, b, 32], np.int64), "blk_shape"), onnx.numpy_helper.from_array(np.array([-1, d], np.int64), "flat_shape")]
+    inits = [onnx.numpy_helper.from_array(np.array([-1, b, 32], np.int64), "blk_shape"), onnx.numpy_helper.from_array(np.array([-1, d], np.int64), "flat_shape"),
+             onnx.numpy_helper.from_array(np.array([-2], np.int64), "axis_m2")]
+    rk_shape = [b, 32, 32] if per_block else [32, 32]
     graph = helper.make_graph(
         nodes,
         "op",
-        [helper.make_tensor_value_info("x", dtype, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, [b, b]), helper.make_tensor_value_info("rk", TensorProto.FLOAT, [32, 32])],
+        [helper.make_tensor_value_info("x", dtype, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, [b, b]), helper.make_tensor_value_info("rk", TensorProto.FLOAT, rk_shape)],
         outputs,
         inits if with_rotated else [],
     )
@@ -84,6 +88,35 @@ def test_real_rotation_quantizer_is_bit_exact(rule):
     # and against the pure-numpy op reference, up to GEMM summation order at bin edges
     agree = bits_equal(y, ref.rotate_quantize(x, feeds["ri"], feeds["rk"], rule))
     assert agree[8:].mean() > 0.999
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_per_block_identity_is_bit_exact_to_reference(rule):
+    d, b = 96, 3
+    x = adversarial(np.random.default_rng(5), 500, d)
+    feeds = {"x": x, "ri": np.eye(b, dtype=np.float32), "rk": np.stack([np.eye(32, dtype=np.float32)] * b)}
+    y = op_model(d, rule, per_block=True).run(None, feeds)[0]
+    assert bits_equal(y, ref.rotate_quantize(x, feeds["ri"], feeds["rk"], rule)).all()
+    np.testing.assert_array_equal(y[8:], mxfp4.fake_quantize(x[8:], scale_rule=rule))
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_per_block_transform_quantizer_is_bit_exact(rule):
+    """Non-orthogonal per-block transforms (WUSH's form): the quantizer is bit-exact on the
+    op's own rotated values, and the op agrees with the numpy reference."""
+    d, b = 128, 4
+    rng = np.random.default_rng(13)
+    x = adversarial(rng, 400, d)
+    rk = (np.eye(32) + 0.3 * rng.standard_normal((b, 32, 32))).astype(np.float32)
+    feeds = {"x": x, "ri": torq.solve_rotation("quarot", d, seed=2).r_inter.astype(np.float32), "rk": rk}
+    y, z = op_model(d, rule, with_rotated=True, per_block=True).run(None, feeds)
+    assert bits_equal(y, ref.quantize_rotated(z, np.float32, rule)).all()
+    agree = bits_equal(y, ref.rotate_quantize(x, feeds["ri"], feeds["rk"], rule))
+    assert agree[8:].mean() > 0.999
+    # each block really got its own transform
+    z_np = ref.rotate_f32(x[8:], feeds["ri"], rk)
+    z_shared = ref.rotate_f32(x[8:], feeds["ri"], rk[0])
+    assert np.allclose(z[8:], z_np, rtol=1e-4, atol=1e-4 * np.abs(z_np).max()) and not np.allclose(z_np, z_shared)
 
 
 def test_float16_input():

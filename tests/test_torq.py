@@ -151,12 +151,16 @@ def test_folding_preserves_the_matmul(method):
     d, n = 96, 40
     x = rng.standard_normal((7, d))
     w = rng.standard_normal((d, n))
-    rot = torq.solve_rotation(method, d, cov=torq.block_second_moment(x), sample_rows=x)
+    rot = torq.solve_rotation(method, d, cov=torq.block_second_moment(x), sample_rows=x, hessian=x.T @ x / 7, weights=w)
     q = torq.full_rotation(rot.r_inter, rot.r_intra)
-    assert torq.orthogonality_error(q) < 1e-10
+    assert rot.orthogonal == (method not in torq.NEEDS_HESSIAN)
+    if rot.orthogonal:
+        assert torq.orthogonality_error(q) < 1e-10
     np.testing.assert_allclose(torq.apply_rotation(x, rot.r_inter, rot.r_intra), x @ q.T, atol=1e-12)
-    w_folded = torq.fold_into_weight(w, rot.r_inter, rot.r_intra)
-    np.testing.assert_allclose(torq.apply_rotation(x, rot.r_inter, rot.r_intra) @ w_folded, x @ w, atol=1e-10)
+    w_folded = rot.fold(w)
+    np.testing.assert_allclose(w_folded, np.linalg.inv(q).T @ w, atol=1e-9)
+    np.testing.assert_allclose(rot.apply(x) @ w_folded, x @ w, atol=1e-9)
+    np.testing.assert_allclose(rot.moment(x.T @ x), q @ x.T @ x @ q.T, atol=1e-9)
 
 
 def test_bad_hidden_size_is_a_clear_error():
@@ -164,6 +168,8 @@ def test_bad_hidden_size_is_a_clear_error():
         torq.solve_rotation("brq", 100)
     with pytest.raises(ValueError, match="unknown method"):
         torq.solve_rotation("gptq", 64)
+    with pytest.raises(ValueError, match="second moment"):
+        torq.solve_rotation("wush", 64)
 
 
 def test_codebook_entropy_bounds():

@@ -145,6 +145,20 @@ def _split_finite(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return safe, bad
 
 
+def encode(values: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """FP4 codes (uint8 0..15) of finite ``values`` under the power-of-two scales ``2**e``
+    (``e`` broadcasts against ``values``): round half to even, saturate at ±6. This is the
+    element rule of :func:`quantize`, for callers that choose the exponent themselves
+    (scale search, GPTQ)."""
+    scaled = np.ldexp(np.asarray(values, dtype=np.float64), -np.asarray(e, dtype=np.int64))
+    return (magnitude_codes(np.abs(scaled)) | (np.signbit(scaled) & (scaled != 0)).astype(np.uint8) << 3).astype(np.uint8)
+
+
+def decode(codes: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """float64 values of FP4 ``codes`` under the scales ``2**e`` (inverse of :func:`encode`)."""
+    return np.ldexp(decode_fp4(codes), np.asarray(e, dtype=np.int64))
+
+
 def quantize(x: np.ndarray, axis: int = -1, scale_rule: ScaleRule = "floor") -> MXFP4Tensor:
     """Quantize ``x`` to FP4 codes and biased E8M0 scale codes along ``axis``."""
     x = np.asarray(x)
@@ -152,9 +166,14 @@ def quantize(x: np.ndarray, axis: int = -1, scale_rule: ScaleRule = "floor") -> 
     _check_rule(scale_rule)
     blocks, bad = _split_finite(_to_blocks(x, axis))
     e = shared_exponent(np.abs(blocks).max(axis=-1), scale_rule)
-    scaled = np.ldexp(blocks, -e[..., None])
-    codes = magnitude_codes(np.abs(scaled)) | (np.signbit(scaled) & (scaled != 0)).astype(np.uint8) << 3
-    codes = np.where(bad[..., None], 0, codes).astype(np.uint8)
+    return from_block_exponents(blocks, e, axis, bad)
+
+
+def from_block_exponents(blocks: np.ndarray, e: np.ndarray, axis: int, bad: np.ndarray | None = None) -> MXFP4Tensor:
+    """MXFP4 data of ``blocks`` [..., n_blocks, 32] (block axis last, finite) with the given
+    unbiased exponents ``e`` [..., n_blocks]; ``bad`` marks NaN/Inf blocks (E8M0 NaN)."""
+    bad = np.zeros(e.shape, dtype=bool) if bad is None else bad
+    codes = np.where(bad[..., None], 0, encode(blocks, e[..., None])).astype(np.uint8)
     scale_codes = np.where(bad, E8M0_NAN, e + E8M0_BIAS).astype(np.uint8)
     return MXFP4Tensor(
         codes=_from_blocks(codes, axis),

@@ -30,10 +30,10 @@ def layer_output_error(
     x = np.asarray(x, dtype=np.float32)
     w = np.asarray(w, dtype=np.float32)
     ref = x @ w
-    z = torq.apply_rotation(x, rotation.r_inter.astype(np.float32), rotation.r_intra.astype(np.float32))
+    z = rotation.apply(x)
     if quantize_activations:
         z = mxfp4.fake_quantize(z, axis=-1, scale_rule=scale_rule)
-    w_rot = torq.fold_into_weight(w, rotation.r_inter.astype(np.float32), rotation.r_intra.astype(np.float32))
+    w_rot = rotation.fold(w).astype(np.float32)
     if quantize_weights:
         w_rot = mxfp4.fake_quantize(w_rot, axis=0, scale_rule=scale_rule)
     denom = float(np.linalg.norm(ref))

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnx_ir.passes import PassError, Sequential
 from tqdm.auto import tqdm
 
-from torq_onnx import __version__, mxfp4
+from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
 from torq_onnx import models, plots, text
 from torq_onnx.errors import TorqError
@@ -47,6 +47,13 @@ class ExportOptions:
     plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
     solver_options: dict = field(default_factory=dict)  # torq.solve_rotation keywords, e.g. inter_block=False
     output_guard: bool = False  # torq: per site keep the lowest layer-output error of torq and its ablations / brq
+    weight_rounding: str = "rtn"  # rtn | gptq
+    scale_search: bool = False  # weights: per block try exponents e-1, e, e+1, keep the lowest error
+    act_order: bool = False  # gptq: sweep MX blocks by input energy
+
+    def needs_hessian(self) -> bool:
+        """Whether calibration must collect each site's full D x D input moment."""
+        return self.method in torq.NEEDS_HESSIAN or (self.weight_rounding == "gptq" and self.weights != "float")
 
 
 def _bar(enabled: bool, desc: str, total: int | None = None):
@@ -70,7 +77,8 @@ def calibrate(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: E
         model,
         NameNodes(),
         FindLinearInputs(ctx, include_lm_head=opts.include_lm_head),
-        Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_tokens, seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches)),
+        Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_tokens, seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches),
+                  hessian=opts.needs_hessian()),
     )
     return ctx
 
@@ -85,9 +93,11 @@ def transform(model: ir.Model, ctx: ExportContext, opts: ExportOptions) -> None:
                        solver_options=opts.solver_options, quantize_weights=opts.weights != "float",
                        quantize_activations=opts.quantize_activations, output_guard=opts.output_guard),
         FoldRotations(ctx),
-        QuantizeWeights(ctx, opts.weights, opts.scale_rule),
+        QuantizeWeights(ctx, opts.weights, opts.scale_rule, rounding=opts.weight_rounding, scale_search=opts.scale_search,
+                        act_order=opts.act_order),
         InsertRotateQuantize(ctx, opts.quantize_activations, opts.scale_rule),
         Finalize({"method": opts.method, "scale_rule": opts.scale_rule, "weights": opts.weights,
+                  "weight_rounding": opts.weight_rounding if opts.weights != "float" else "none",
                   "activations": "mxfp4" if opts.quantize_activations else "float", "version": __version__,
                   "output_guard": opts.output_guard and opts.method == "torq"}),
     )

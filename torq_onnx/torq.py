@@ -40,24 +40,53 @@ def n_blocks(d: int) -> int:
 
 
 def apply_rotation(x: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
-    """``z = Q x`` for every row vector of ``x`` ([..., D]), computed blockwise."""
+    """``z = Q x`` for every row vector of ``x`` ([..., D]), computed blockwise.
+
+    ``r_intra`` is one [32, 32] matrix shared by all blocks, or [B, 32, 32] (one per block:
+    ``Z[b] = Y[b] @ r_intra[b]``).
+    """
     d = x.shape[-1]
     b = n_blocks(d)
-    if r_inter.shape != (b, b) or r_intra.shape != (BLOCK_SIZE, BLOCK_SIZE):
+    if r_inter.shape != (b, b) or r_intra.shape not in ((BLOCK_SIZE, BLOCK_SIZE), (b, BLOCK_SIZE, BLOCK_SIZE)):
         raise ValueError(f"rotation shapes {r_inter.shape}, {r_intra.shape} do not fit D={d} (B={b})")
     blocks = x.reshape(*x.shape[:-1], b, BLOCK_SIZE)
     y = np.matmul(r_inter.astype(np.result_type(x, r_inter)), blocks)
+    if r_intra.ndim == 3:  # per block: [..., B, 1, 32] @ [B, 32, 32]
+        return np.matmul(y[..., None, :], r_intra)[..., 0, :].reshape(x.shape)
     return np.matmul(y, r_intra).reshape(x.shape)
 
 
-def fold_into_weight(w: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
-    """``W' = Q W`` for a MatMul weight ``W`` [D, N], so that ``(Q x) @ W' == x @ W``."""
+def inverse_transpose(r: np.ndarray) -> np.ndarray:
+    """``R^-T`` of a matrix or of each matrix in a stack [..., n, n]."""
+    return np.swapaxes(np.linalg.inv(r), -1, -2)
+
+
+def fold_into_weight(w: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray, orthogonal: bool = True) -> np.ndarray:
+    """``W' = Q^-T W`` for a MatMul weight ``W`` [D, N], so that ``(Q x) @ W' == x @ W``.
+
+    For an orthogonal ``Q`` (every rotation) that is ``Q W``; a non-orthogonal transform
+    (WUSH) folds its inverse transpose, which has the same two-level structure."""
+    if not orthogonal:
+        r_inter, r_intra = inverse_transpose(np.asarray(r_inter, np.float64)), inverse_transpose(np.asarray(r_intra, np.float64))
+        r_inter, r_intra = r_inter.astype(np.result_type(w, np.float32)), r_intra.astype(np.result_type(w, np.float32))
     return apply_rotation(w.T, r_inter, r_intra).T
 
 
+def transform_moment(h: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
+    """``Q H Q^T``: the second moment of ``Q x`` from that of ``x`` (``H`` [D, D], symmetric)."""
+    return apply_rotation(apply_rotation(h, r_inter, r_intra).T, r_inter, r_intra)
+
+
 def full_rotation(r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
-    """Dense ``Q = kron(R_inter, R_intra.T)`` (D x D); for tests and small D only."""
-    return np.kron(r_inter, r_intra.T)
+    """Dense ``Q`` (D x D) with ``z = Q x``: ``kron(R_inter, R_intra.T)`` for a shared
+    ``R_intra``, ``blockdiag(R_intra[b].T) @ kron(R_inter, I)`` for per-block ones; tests only."""
+    if r_intra.ndim == 2:
+        return np.kron(r_inter, r_intra.T)
+    b = r_inter.shape[0]
+    per_block = np.zeros((b * BLOCK_SIZE, b * BLOCK_SIZE))
+    for i in range(b):
+        per_block[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE, i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE] = r_intra[i].T
+    return per_block @ np.kron(r_inter, np.eye(BLOCK_SIZE))
 
 
 def orthogonality_error(r: np.ndarray) -> float:
@@ -402,16 +431,30 @@ def solve_intra_block(
 
 
 # ---------------------------------------------------------------- methods
-METHODS = ("rtn", "brq", "quarot", "torq")
+METHODS = ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")
+NEEDS_HESSIAN = ("wush", "torq-wush")  # methods that read the full D x D input moment and the weights
 
 
 @dataclass
 class Rotation:
     """The two factors of one rotation site, plus solver diagnostics for report.json."""
 
-    r_inter: np.ndarray
-    r_intra: np.ndarray
+    r_inter: np.ndarray  # [B, B]
+    r_intra: np.ndarray  # [32, 32] shared, or [B, 32, 32] per block
     info: dict = field(default_factory=dict)
+    orthogonal: bool = True  # False for data-aware non-orthogonal transforms (WUSH): weights fold Q^-T
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """``Q x`` for the rows of ``x`` [..., D] (what the online op computes)."""
+        return apply_rotation(x, self.r_inter.astype(np.result_type(x, np.float32)), self.r_intra.astype(np.result_type(x, np.float32)))
+
+    def fold(self, w: np.ndarray) -> np.ndarray:
+        """``Q^-T W`` for a MatMul weight [D, N]: ``(Q x) @ fold(W) == x @ W``."""
+        return fold_into_weight(w, self.r_inter, self.r_intra, self.orthogonal)
+
+    def moment(self, h: np.ndarray) -> np.ndarray:
+        """Second moment of ``Q x`` from that of ``x`` [D, D]: GPTQ's Hessian in the new basis."""
+        return transform_moment(h, self.r_inter, self.r_intra)
 
 
 def identity_rotation(d: int) -> Rotation:
@@ -429,6 +472,8 @@ def solve_rotation(
     inter_block: bool = True,
     intra_refine: bool = True,
     inter_min_spread: float = 0.0,
+    hessian: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> Rotation:
     """Rotation for one site by ``method``.
 
@@ -442,6 +487,11 @@ def solve_rotation(
     ``inter_min_spread``: equalize blocks only where their variance spread (max/mean of
     diag(cov)) is at least this; measured on SmolLM2, R_inter lowers the layer error only
     at massive-outlier sites (spread > 20) and raises it at most others.
+
+    wush: the data-aware per-block transform of :mod:`torq_onnx.wush` (non-orthogonal),
+    from the input moment ``hessian`` [D, D] and the site's weights ``weights`` [D, N].
+    torq-wush: TORQ's inter-block level (as for torq), then WUSH per block in the
+    inter-rotated basis instead of the max-entropy R_intra.
     """
     b = n_blocks(d)
     if method == "rtn":
@@ -451,15 +501,20 @@ def solve_rotation(
     if method == "quarot":
         rng = np.random.default_rng(seed)
         return Rotation(randomized_hadamard(b, rng), randomized_hadamard(BLOCK_SIZE, rng).T)
-    if method != "torq":
+    if method == "wush":
+        return _wush_rotation(np.eye(b), hessian, weights, {})
+    if method not in ("torq", "torq-wush"):
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if cov is None or sample_rows is None:
-        raise ValueError("torq needs calibration statistics (covariance and sample activations)")
+    if cov is None or (sample_rows is None and method == "torq"):
+        raise ValueError(f"{method} needs calibration statistics (covariance and sample activations)")
     v = np.diag(cov)
     if inter_block and variance_spread(v) >= inter_min_spread:
         inter = solve_inter_block(cov)
     else:  # keep the blocks as they are
         inter = InterBlockResult(np.eye(b), 0, float(np.abs(v / v.mean() - 1).max()) if v.mean() > 0 else 0.0, False)
+    if method == "torq-wush":
+        return _wush_rotation(inter.rotation, hessian, weights, {"inter_iterations": inter.iterations,
+                                                                 "inter_max_relative_deviation": inter.max_relative_deviation})
     samples = np.asarray(sample_rows, dtype=np.float64).reshape(-1, d)
     y = apply_rotation(samples, inter.rotation, np.eye(BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
     init = {"hadamard": hadamard(BLOCK_SIZE), "identity": None}[intra_init]
@@ -473,6 +528,17 @@ def solve_rotation(
         "intra_error_history": intra.error_history,
     }
     return Rotation(inter.rotation, intra.rotation, info)
+
+
+def _wush_rotation(r_inter: np.ndarray, hessian: np.ndarray | None, weights: np.ndarray | None, info: dict) -> Rotation:
+    """WUSH per block after the block mixing ``r_inter`` (identity for plain wush)."""
+    from torq_onnx.wush import wush_block_transforms
+
+    if hessian is None or weights is None:
+        raise ValueError("wush needs the input's full second moment and the site's weights (calibrate with hessian=True)")
+    eye = np.eye(BLOCK_SIZE)
+    t = wush_block_transforms(transform_moment(hessian, r_inter, eye), fold_into_weight(weights, r_inter, eye), hadamard(BLOCK_SIZE))
+    return Rotation(r_inter, np.swapaxes(t, -1, -2), info, orthogonal=False)
 
 
 def quantization_error(
