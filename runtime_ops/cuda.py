@@ -50,14 +50,17 @@ def fake_quant_rows(z, scale_rule: str = "floor"):
 
 
 def rotate(x, r_inter, r_intra):
-    """float32 ``R_inter @ X @ R_intra`` on the GPU (x: CuPy [..., D])."""
+    """float32 ``R_inter @ X @ R_intra`` on the GPU (x: CuPy [..., D]; r_intra [32, 32] or [B, 32, 32])."""
     import cupy as cp
 
     xf = cp.asarray(x, dtype=cp.float32)
     b = xf.shape[-1] // 32
     blocks = xf.reshape(-1, b, 32)
     z = cp.matmul(cp.asarray(r_inter, dtype=cp.float32), blocks)
-    return cp.matmul(z, cp.asarray(r_intra, dtype=cp.float32)).reshape(xf.shape)
+    r_intra = cp.asarray(r_intra, dtype=cp.float32)
+    if r_intra.ndim == 3:  # one transform per block (WUSH): [N, B, 1, 32] @ [B, 32, 32]
+        return cp.matmul(z[..., None, :], r_intra)[..., 0, :].reshape(xf.shape)
+    return cp.matmul(z, r_intra).reshape(xf.shape)
 
 
 def rotate_quantize(x, r_inter, r_intra, scale_rule: str = "floor"):

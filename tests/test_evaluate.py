@@ -140,3 +140,30 @@ def test_plot_site_selection(exported):
     assert plots.choose_site(report, report["sites"][2]["layers"][0]) is report["sites"][2]
     with pytest.raises(TorqError, match="no rotation site named"):
         plots.choose_site(report, "nope")
+
+
+def test_divergence_from_reference():
+    rng = np.random.default_rng(8)
+    ref = evaluate.log_softmax(rng.standard_normal((6, 9)) * 3)
+    other = evaluate.log_softmax(rng.standard_normal((6, 9)) * 3)
+    kl, same = evaluate.divergence_from_reference(ref, ref)
+    np.testing.assert_allclose(kl, 0.0, atol=1e-12)
+    assert same.all()
+    kl, same = evaluate.divergence_from_reference(ref, other)
+    p, q = np.exp(ref), np.exp(other)
+    np.testing.assert_allclose(kl, (p * np.log(p / q)).sum(1), rtol=1e-10)
+    assert (kl > 0).all()
+    np.testing.assert_array_equal(same, ref.argmax(1) == other.argmax(1))
+
+
+def test_eval_cli_reference_metrics(exported, tmp_path):
+    """Against the float model: a rotate-only export is the same distribution (KL ~ 0, all
+    top-1 equal); the W4A4 export diverges."""
+    root, outs = exported
+    ref = ["--reference", str(root / "tiny.onnx")]
+    rot_r = eval_json([str(outs["rotate_only"]), *ref], tmp_path)
+    q_r = eval_json([str(outs["w4a4"]), *ref], tmp_path)
+    assert rot_r["kl_divergence"] < 1e-6 and rot_r["top1_agreement"] == 1.0
+    assert q_r["kl_divergence"] > 1e-3 and q_r["top1_agreement"] < 1.0
+    assert q_r["kl_divergence_p99"] >= q_r["kl_divergence"]
+    assert eval_json([str(outs["w4a4"])], tmp_path)["kl_divergence"] is None  # no reference, no KL

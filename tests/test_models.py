@@ -35,7 +35,7 @@ def tiny_llama_dir(tmp_path_factory):
 
 def test_hf_decoder_folder_exports_and_evaluates(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    solver_flags = ["--inter-min-spread", "1e9", "--no-intra-refine", "--output-guard"]
+    solver_flags = ["--method", "torq", "--inter-min-spread", "1e9", "--no-intra-refine", "--output-guard"]
     res = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(out), "--calib-samples", "2", "--seq-len", "64", "--quiet", *solver_flags])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())

@@ -158,6 +158,8 @@ def test_exported_file_loads_with_one_call(tmp_path):
         (["export", "/nonexistent/model.onnx"], "model not found"),
         (["export", "__NOT_ONNX__"], "not a readable ONNX model"),
         (["export", "x", "--activations", "int8"], "--activations must be"),
+        (["export", "x", "--method", "wush", "--output-guard"], "apply to --method torq only"),
+        (["export", "x", "--method", "brq", "--inter-min-spread", "20"], "torq and torq-wush only"),
         (["inspect", "/nonexistent.onnx"], "no file at"),
     ],
 )
@@ -171,6 +173,25 @@ def test_cli_bad_input_messages(tmp_path, args, message):
     assert message in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--method", "foo"), ("--weight-rounding", "awq"), ("--scale-rule", "ceil")])
+def test_cli_rejects_bad_choices_before_any_work(tmp_path, option, value, monkeypatch):
+    """A bad choice fails at argument parsing: nothing is exported or calibrated."""
+    import torq_onnx.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "export", lambda *a, **k: pytest.fail("export started despite a bad option"))
+    res = CliRunner().invoke(app, ["export", "-o", str(tmp_path / "o"), option, value])
+    assert res.exit_code == 2
+    assert "Invalid value" in res.output and value in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_help_lists_the_choices():
+    res = CliRunner().invoke(app, ["export", "--help"])
+    assert res.exit_code == 0
+    for choice in ("torq-wush", "wush", "gptq", "rceil"):
+        assert choice in res.output
 
 
 def test_cli_inspect(tmp_path):

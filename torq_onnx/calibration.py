@@ -9,11 +9,17 @@ import numpy as np
 from torq_onnx.errors import TorqError
 
 
-def token_windows(ids: np.ndarray, seq_len: int, n: int) -> np.ndarray:
-    """``n`` non-overlapping windows of ``seq_len`` tokens, evenly spread over ``ids``."""
+def token_windows(ids: np.ndarray, seq_len: int, n: int, sample_seed: int | None = None) -> np.ndarray:
+    """``n`` non-overlapping windows of ``seq_len`` tokens: evenly spread over ``ids``, or with
+    ``sample_seed`` a random choice of ``n`` of the text's ``len // seq_len`` aligned windows
+    (so calibration-sample variance can be measured)."""
     if ids.size < seq_len:
         raise TorqError(f"calibration text has {ids.size} tokens, fewer than one window of {seq_len}")
-    starts = np.linspace(0, ids.size - seq_len, num=min(n, ids.size // seq_len)).astype(np.int64)
+    slots = ids.size // seq_len
+    if sample_seed is None:
+        starts = np.linspace(0, ids.size - seq_len, num=min(n, slots)).astype(np.int64)
+    else:
+        starts = np.sort(np.random.default_rng(sample_seed).choice(slots, min(n, slots), replace=False)) * seq_len
     return np.stack([ids[s : s + seq_len] for s in starts])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
 from torq_onnx.errors import TorqError
+
+# typed choices: validated before any work starts, and listed by --help
+Method = Enum("Method", {m.replace("-", "_"): m for m in ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")}, type=str)
+WeightRounding = Enum("WeightRounding", {"rtn": "rtn", "gptq": "gptq"}, type=str)
+ScaleRule = Enum("ScaleRule", {"floor": "floor", "even": "even", "rceil": "rceil"}, type=str)
+WeightMode = Enum("WeightMode", {"mxfp4": "mxfp4", "fake": "fake", "float": "float"}, type=str)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")
 err = Console(stderr=True)
@@ -25,12 +33,18 @@ def _fail(exc: Exception) -> None:
 def export(
     model: Optional[str] = typer.Argument(None, help="Local HF model folder, .onnx or .gguf file, or a packaged model: smollm2-135m (default), all-minilm-l6-v2"),
     out: Path = typer.Option(Path("torq-out"), "-o", "--out", help="Output folder (written atomically)"),
-    method: str = typer.Option("torq", help="rtn | brq | quarot | torq"),
+    method: Method = typer.Option(DEFAULT_METHOD, help="Activation transform: torq is the paper's algorithm; "
+                                  "torq-wush is TORQ's inter-block rotation with WUSH per block; wush, brq (block Hadamard), "
+                                  "quarot, rtn (none) are the baselines"),
+    weight_rounding: WeightRounding = typer.Option(DEFAULT_WEIGHT_ROUNDING, help="MXFP4 weight rounding: gptq (error-compensating, "
+                                                   "uses the calibrated input moment) or rtn (round-to-nearest)"),
+    scale_search: bool = typer.Option(True, help="Weights: per block, keep the best of the exponents e-1, e, e+1"),
+    act_order: bool = typer.Option(True, help="GPTQ: sweep MX blocks by input energy"),
     calib_samples: int = typer.Option(128, help="Calibration windows"),
     seq_len: int = typer.Option(512, help="Tokens per calibration window"),
-    weights: str = typer.Option("mxfp4", help="mxfp4 (packed) | fake | float"),
+    weights: WeightMode = typer.Option("mxfp4", help="mxfp4 (packed) | fake | float"),
     activations: str = typer.Option("mxfp4", help="mxfp4 | float (rotate only)"),
-    scale_rule: str = typer.Option("floor", help="MX scale rule: floor (OCP) | even | rceil"),
+    scale_rule: ScaleRule = typer.Option("floor", help="MX scale rule: floor (OCP) | even | rceil"),
     text: Optional[str] = typer.Option(None, help="Calibration text file (default: built-in English corpus)"),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for a bare .onnx model"),
     plot_site: Optional[str] = typer.Option(None, help="Site to plot (activation/layer name or index; default: most uneven blocks)"),
@@ -50,8 +64,13 @@ def export(
             raise TorqError(f"--activations must be mxfp4 or float, got {activations!r}")
         if calib_samples < 1 or seq_len < 1:
             raise TorqError("--calib-samples and --seq-len must be positive")
-        opts = ExportOptions(method=method, calib_samples=calib_samples, seq_len=seq_len, weights=weights,
-                             quantize_activations=activations == "mxfp4", scale_rule=scale_rule, progress=not quiet,
+        if method is not Method.torq and (output_guard or not intra_refine):
+            raise TorqError(f"--output-guard and --no-intra-refine apply to --method torq only (got --method {method.value})")
+        if method not in (Method.torq, Method.torq_wush) and inter_min_spread:
+            raise TorqError(f"--inter-min-spread applies to --method torq and torq-wush only (got --method {method.value})")
+        opts = ExportOptions(method=method.value, calib_samples=calib_samples, seq_len=seq_len, weights=weights.value,
+                             quantize_activations=activations == "mxfp4", scale_rule=scale_rule.value, progress=not quiet,
+                             weight_rounding=weight_rounding.value, scale_search=scale_search, act_order=act_order,
                              plot_site=plot_site, output_guard=output_guard,
                              solver_options={"inter_min_spread": inter_min_spread, "intra_refine": intra_refine})
         path = run_export(model, out, opts, text_path=text, tokenizer_dir=tokenizer)
@@ -75,6 +94,8 @@ def eval_cmd(
     stride: int = typer.Option(256, help="New (scored) tokens per window; the rest is context"),
     max_tokens: Optional[int] = typer.Option(None, help="Score only the first N held-out tokens"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here"),
+    reference: Optional[str] = typer.Option(None, help="Float model to compare with (a MODEL as for export, e.g. smollm2-135m): "
+                                            "adds KL divergence and top-1 agreement"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Perplexity of MODEL_ONNX in ONNX Runtime on held-out text (strided windows)."""
@@ -82,7 +103,7 @@ def eval_cmd(
     from torq_onnx.atomic import write_text_atomic
 
     try:
-        res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet)
+        res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet, reference=reference)
         if json_out is not None:
             write_text_atomic(json_out, json.dumps(res.as_dict(), indent=2))
     except (TorqError, ValueError) as exc:
@@ -91,6 +112,9 @@ def eval_cmd(
         f"perplexity [bold]{res.perplexity:.3f}[/] over {res.scored_tokens} tokens "
         f"({res.windows} windows of {res.seq_len}, stride {res.stride}; {res.seconds:.1f} s)"
     )
+    if res.kl_divergence is not None:
+        Console().print(f"vs reference: mean KL [bold]{res.kl_divergence:.4f}[/] nats/token (p99 {res.kl_divergence_p99:.3f}), "
+                        f"top-1 agreement [bold]{res.top1_agreement * 100:.2f}%[/]")
 
 
 @app.command()

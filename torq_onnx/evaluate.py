@@ -43,12 +43,47 @@ def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
     return windows
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of ``targets`` [T] under ``logits`` [T, V], in float64."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities [T, V] from logits [T, V], in float64."""
     z = logits.astype(np.float64)
     z -= z.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=-1))
-    return log_norm - z[np.arange(targets.shape[0]), targets]
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Negative log-likelihood of ``targets`` [T] under ``logits`` [T, V], in float64."""
+    return -log_softmax(logits)[np.arange(targets.shape[0]), targets]
+
+
+def divergence_from_reference(logp_ref: np.ndarray, logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per token: ``KL(P_ref || P)`` in nats and whether both put their top-1 on the same token
+    (llama.cpp's perplexity tool reports both; far less noisy than PPL for comparing quantizers)."""
+    logp_ref = logp_ref.astype(np.float64)
+    kl = (np.exp(logp_ref) * (logp_ref - logp)).sum(axis=-1)
+    return np.maximum(kl, 0.0), logp_ref.argmax(axis=-1) == logp.argmax(axis=-1)
+
+
+class Reference:
+    """The float model whose next-token distributions a quantized model is compared with.
+
+    ``cache=True`` keeps the reference's scored log-probabilities (float32, per window) so
+    that several models are compared against one reference run (the compare tool)."""
+
+    def __init__(self, session, cache: bool = False) -> None:
+        self.session, self.cache = session, cache
+        self._out = logits_output(session)
+        self._specs = [(i.name, i.type) for i in session.get_inputs()]
+        self._store: dict[tuple[int, int], np.ndarray] = {}
+
+    def scored_logprobs(self, window: Window, chunk: np.ndarray) -> np.ndarray:
+        key = (window.begin, window.end)
+        if key in self._store:
+            return self._store[key]
+        (logits,) = self.session.run([self._out], calib.feeds_for_inputs(self._specs, chunk))
+        logp = log_softmax(np.asarray(logits).reshape(chunk.size, -1)[-window.scored - 1 : -1])
+        if self.cache:
+            self._store[key] = logp.astype(np.float32)
+        return logp
 
 
 @dataclass
@@ -60,6 +95,10 @@ class PerplexityResult:
     seq_len: int
     stride: int
     seconds: float
+    # against a reference (float) model, when one is given
+    kl_divergence: float | None = None  # mean KL(P_ref || P) per scored token, nats
+    kl_divergence_p99: float | None = None  # its 99th percentile over tokens
+    top1_agreement: float | None = None  # fraction of tokens where both models' argmax agree
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,25 +123,37 @@ def perplexity(
     seq_len: int = 512,
     stride: int = 256,
     progress: Callable[[Iterable], Iterable] | None = None,
+    reference: Reference | None = None,
 ) -> PerplexityResult:
-    """Strided-window perplexity of token ids [N] under an ORT session of a causal LM."""
+    """Strided-window perplexity of token ids [N] under an ORT session of a causal LM; with
+    a ``reference``, also the KL divergence from its distributions and top-1 agreement."""
     out_name = logits_output(session)
     specs = [(i.name, i.type) for i in session.get_inputs()]
     windows = sliding_windows(int(ids.size), seq_len, stride)
     total, count = 0.0, 0
+    kls, agree = [], []
     t0 = time.perf_counter()
     for w in (progress or (lambda it: it))(windows):
         chunk = ids[w.begin : w.end]
         (logits,) = session.run([out_name], calib.feeds_for_inputs(specs, chunk))
-        logits = np.asarray(logits).reshape(chunk.size, -1)
         # position t predicts token t+1: score the last `scored` targets of the window
-        nll = token_nll(logits[-w.scored - 1 : -1], chunk[-w.scored :])
+        logp = log_softmax(np.asarray(logits).reshape(chunk.size, -1)[-w.scored - 1 : -1])
+        nll = -logp[np.arange(w.scored), chunk[-w.scored :]]
         if not np.isfinite(nll).all():
             raise TorqError(f"non-finite logits in window [{w.begin}, {w.end}): the model produced NaN/Inf")
         total += float(nll.sum())
         count += w.scored
+        if reference is not None:
+            kl, same = divergence_from_reference(reference.scored_logprobs(w, chunk), logp)
+            kls.append(kl)
+            agree.append(same)
     mean = total / count
-    return PerplexityResult(float(np.exp(mean)), mean, count, len(windows), seq_len, stride, time.perf_counter() - t0)
+    res = PerplexityResult(float(np.exp(mean)), mean, count, len(windows), seq_len, stride, time.perf_counter() - t0)
+    if reference is not None:
+        kl = np.concatenate(kls)
+        res.kl_divergence, res.kl_divergence_p99 = float(kl.mean()), float(np.percentile(kl, 99))
+        res.top1_agreement = float(np.concatenate(agree).mean())
+    return res
 
 
 def evaluation_ids(tokenizer, text_path: str | None, max_tokens: int | None = None) -> np.ndarray:
@@ -121,8 +172,11 @@ def evaluate_model(
     max_tokens: int | None = None,
     providers: list[str] | None = None,
     progress: bool = True,
+    reference: str | None = None,
 ) -> PerplexityResult:
-    """``torq-onnx eval``: perplexity of an ONNX causal LM (float or torq-exported) on held-out text."""
+    """``torq-onnx eval``: perplexity of an ONNX causal LM (float or torq-exported) on held-out
+    text; with ``reference`` (any MODEL that ``torq-onnx export`` accepts, e.g. the float
+    source), also KL divergence from the reference and top-1 agreement with it."""
     from torq_onnx.runtime_ops import load_session
 
     path = Path(model_path)
@@ -135,4 +189,59 @@ def evaluate_model(
     ids = evaluation_ids(tokenizer, text_path, max_tokens)
     session = load_session(path, providers=providers)
     bar = lambda it: tqdm(it, desc=f"eval {path.parent.name or path.name}", disable=not progress, leave=False)  # noqa: E731
-    return perplexity(session, ids, seq_len, stride, progress=bar)
+    if reference is None:
+        return perplexity(session, ids, seq_len, stride, progress=bar)
+    ref_src = models.resolve(reference)
+    try:
+        ref = Reference(load_session(ref_src.onnx_path, providers=providers))
+        return perplexity(session, ids, seq_len, stride, progress=bar, reference=ref)
+    finally:
+        ref_src.cleanup()
+
+
+# ---------------------------------------------------------------- encoders (no logits)
+@dataclass
+class FidelityResult:
+    """How close an encoder's sentence embeddings stay to a reference (float) encoder's."""
+
+    mean_cosine: float
+    min_cosine: float
+    sentences: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluation_sentences(text_path: str | None, n: int = 256, min_chars: int = 40, max_chars: int = 400) -> list[str]:
+    """Up to ``n`` sentences of the held-out text (never calibrated on), in order."""
+    _, holdout = text.split_corpus(text.load_text(text_path))
+    parts = [" ".join(p.split()) for chunk in holdout.split("\n\n") for p in chunk.replace("\n", " ").split(". ")]
+    picked = [p for p in parts if min_chars <= len(p) <= max_chars][:n]
+    if not picked:
+        raise TorqError("the held-out text has no sentences to embed")
+    return picked
+
+
+def sentence_embeddings(session, tokenizer, sentences: list[str]) -> np.ndarray:
+    """Mean-pooled (sentence-transformers style), L2-normalized embeddings [S, H] from the
+    encoder's first output ([1, T, H] hidden states)."""
+    specs = [(i.name, i.type) for i in session.get_inputs()]
+    out_name = session.get_outputs()[0].name
+    rows = []
+    for sentence in sentences:
+        ids = calib.tokenize(tokenizer, sentence)[:510]
+        ids = np.asarray(tokenizer.build_inputs_with_special_tokens(ids.tolist()), dtype=np.int64)
+        (hidden,) = session.run([out_name], calib.feeds_for_inputs(specs, ids))
+        vec = np.asarray(hidden, dtype=np.float64).reshape(ids.size, -1).mean(axis=0)
+        if not np.isfinite(vec).all():
+            raise TorqError("non-finite encoder output: the model produced NaN/Inf")
+        rows.append(vec / max(np.linalg.norm(vec), 1e-30))
+    return np.stack(rows)
+
+
+def embedding_fidelity(session, reference_session, tokenizer, sentences: list[str]) -> FidelityResult:
+    """Cosine similarity of each sentence's embedding to the reference encoder's."""
+    t0 = time.perf_counter()
+    cos = (sentence_embeddings(session, tokenizer, sentences) * sentence_embeddings(reference_session, tokenizer, sentences)).sum(axis=1)
+    return FidelityResult(float(cos.mean()), float(cos.min()), len(sentences), time.perf_counter() - t0)

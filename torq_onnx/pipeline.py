@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
 from torq_onnx import models, plots, text
+from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import (
     Calibrate,
@@ -34,7 +35,7 @@ from torq_onnx.passes import (
 
 @dataclass
 class ExportOptions:
-    method: str = "torq"
+    method: str = DEFAULT_METHOD
     calib_samples: int = 128
     seq_len: int = 512
     weights: str = "mxfp4"  # mxfp4 | fake | float
@@ -47,9 +48,10 @@ class ExportOptions:
     plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
     solver_options: dict = field(default_factory=dict)  # torq.solve_rotation keywords, e.g. inter_block=False
     output_guard: bool = False  # torq: per site keep the lowest layer-output error of torq and its ablations / brq
-    weight_rounding: str = "rtn"  # rtn | gptq
-    scale_search: bool = False  # weights: per block try exponents e-1, e, e+1, keep the lowest error
-    act_order: bool = False  # gptq: sweep MX blocks by input energy
+    calib_sample_seed: int | None = None  # None: calibration windows evenly spread; else a random choice
+    weight_rounding: str = DEFAULT_WEIGHT_ROUNDING  # rtn | gptq
+    scale_search: bool = True  # weights: per block try exponents e-1, e, e+1, keep the lowest error
+    act_order: bool = True  # gptq: sweep MX blocks by input energy
 
     def needs_hessian(self) -> bool:
         """Whether calibration must collect each site's full D x D input moment."""
@@ -144,7 +146,7 @@ def calibration_windows(model_ir: ir.Model, tokenizer, text_path: str | None, op
     calib_text, _ = text.split_corpus(text.load_text(text_path))
     ids = calib.tokenize(tokenizer, calib_text)
     specs = [(v.name, str(v.dtype)) for v in model_ir.graph.inputs]
-    return [calib.feeds_for_inputs(specs, w) for w in calib.token_windows(ids, opts.seq_len, opts.calib_samples)]
+    return [calib.feeds_for_inputs(specs, w) for w in calib.token_windows(ids, opts.seq_len, opts.calib_samples, opts.calib_sample_seed)]
 
 
 def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer, report: dict, opts: ExportOptions) -> Path:

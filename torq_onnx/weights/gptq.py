@@ -27,11 +27,13 @@ def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     mean_diag = float(np.mean(np.diag(h)))
     lam = damp * (mean_diag if mean_diag > 0 else 1.0)
     eye = np.eye(h.shape[0])
+    rev = slice(None, None, -1)
     for _ in range(MAX_DAMP_RETRIES):
         try:
-            low = np.linalg.cholesky(h + lam * eye)
-            low_inv = np.linalg.inv(low)
-            return np.linalg.cholesky(low_inv.T @ low_inv).T
+            # one factorization: with J the index reversal, J H J = L L^T gives H = R R^T for the
+            # upper R = J L J, so H^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J
+            low = np.linalg.cholesky((h + lam * eye)[rev, rev])
+            return np.linalg.inv(low)[rev, rev]
         except np.linalg.LinAlgError:
             lam *= 10.0
     raise ValueError("the calibration second moment is not positive definite even after damping")
