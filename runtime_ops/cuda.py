@@ -32,7 +32,8 @@ def available() -> bool:
 def _kernel():
     import cupy as cp
 
-    return cp.RawKernel(_KERNEL_SRC.read_text(), "mxfp4_fake_quant", options=("--std=c++14",))
+    # mxfp4_math.cuh (the host-tested per-block arithmetic) is included from beside the kernel
+    return cp.RawKernel(_KERNEL_SRC.read_text(), "mxfp4_fake_quant", options=("--std=c++14", f"-I{_KERNEL_SRC.parent}"))
 
 
 def fake_quant_rows(z, scale_rule: str = "floor"):

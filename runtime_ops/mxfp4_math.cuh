@@ -1,0 +1,49 @@
+// Per-block MXFP4 (OCP MX v1.0) arithmetic, shared by the CUDA kernel (mxfp4_quant.cu) and
+// the host test harness (mxfp4_host_harness.cu), so the arithmetic is tested bit-exact
+// against torq_onnx.mxfp4 on any machine with nvcc; only the kernel's thread mapping needs
+// a GPU. No standard headers: NVRTC (CuPy's compiler) ships none; nvcc provides the math
+// functions for host code. Compile WITHOUT fast-math: subnormal scales (2^-127) and IEEE
+// rintf (round half to even) / ldexpf (exact) are relied on.
+#pragma once
+
+#define TORQ_FLT_MAX 3.402823466e+38f
+
+__host__ __device__ inline float torq_nan() { return nanf(""); }  // the output of a NaN/Inf block
+
+// Unbiased E8M0 exponent of a block from its finite amax > 0. `bump` encodes the scale rule
+// (floor: 2, never; even: just below 1.75; rceil: 1.5): e = floor(log2 amax) - 2, plus one
+// when amax's mantissa in [1, 2) exceeds `bump`; clamped to E8M0's finite range.
+__host__ __device__ inline int torq_mxfp4_exponent(float amax, float bump) {
+    int ex;
+    float m = frexpf(amax, &ex);  // amax = m * 2^ex, m in [0.5, 1): exact, no log
+    int e = ex - 1 - 2 + ((2.f * m) > bump ? 1 : 0);
+    return e < -127 ? -127 : (e > 127 ? 127 : e);
+}
+
+// E2M1 magnitude of a scaled magnitude q >= 0: round half to even on the grid
+// {0, .5, 1, 1.5, 2, 3, 4, 6} (step .5 below 2, 1 below 4, 2 above), saturating at 6.
+__host__ __device__ inline float torq_e2m1_round(float q) {
+    float r = q < 2.f ? rintf(q * 2.f) * 0.5f : (q < 4.f ? rintf(q) : rintf(q * 0.5f) * 2.f);
+    return fminf(r, 6.f);
+}
+
+// One finite element of a block with exponent e: quantize-dequantize, sign restored.
+__host__ __device__ inline float torq_mxfp4_element(float v, int e) {
+    float r = torq_e2m1_round(ldexpf(fabsf(v), -e));  // exact power-of-two scaling
+    float out = fminf(ldexpf(r, e), TORQ_FLT_MAX);      // 8 * 2^126 would overflow float32
+    return v < 0.f ? -out : out;
+}
+
+// A whole block of 32 on one thread (the host harness; the kernel splits it across a warp):
+// a NaN/Inf anywhere makes every output NaN, an all-zero block stays zero.
+__host__ __device__ inline void torq_mxfp4_block(const float* z, float* y, float bump) {
+    float amax = 0.f;
+    int bad = 0;
+    for (int i = 0; i < 32; ++i) {
+        bad |= !isfinite(z[i]);
+        amax = fmaxf(amax, isfinite(z[i]) ? fabsf(z[i]) : 0.f);
+    }
+    int e = (bad || amax == 0.f) ? 0 : torq_mxfp4_exponent(amax, bump);
+    for (int i = 0; i < 32; ++i)
+        y[i] = bad ? torq_nan() : (amax == 0.f ? 0.f : torq_mxfp4_element(z[i], e));
+}

@@ -1,0 +1,53 @@
+"""The CUDA sources compile (sm_80, sm_90) and their per-block arithmetic, built for the host
+with nvcc, is bit-exact to the numpy MXFP4 reference. Needs nvcc, not a GPU."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from torq_onnx import mxfp4
+from torq_onnx.runtime_ops import functions as F
+
+from test_runtime_ops import adversarial
+
+SRC = Path(F.__file__).parent
+NVCC = shutil.which("nvcc")
+pytestmark = pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) on PATH")
+
+
+def nvcc(*args: str) -> None:
+    """Run nvcc with every warning an error; fail the test with its output otherwise."""
+    res = subprocess.run([NVCC, "-Werror", "all-warnings", f"-I{SRC}", *args], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and not res.stderr.strip(), f"nvcc {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", sorted(p.name for p in SRC.glob("*.cu")))
+def test_cuda_sources_compile_without_warnings(tmp_path, source, arch):
+    nvcc("-cubin", f"-arch={arch}", "-o", str(tmp_path / "out.cubin"), str(SRC / source))
+    assert (tmp_path / "out.cubin").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    exe = tmp_path_factory.mktemp("cuda") / "mxfp4_host_harness"
+    nvcc("-o", str(exe), str(SRC / "mxfp4_host_harness.cu"))
+    return exe
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_kernel_arithmetic_on_the_host_is_bit_exact(harness, rule):
+    """Exact powers of two, ties, zero blocks, ±6 saturation, subnormals, near-FLT_MAX,
+    NaN/Inf blocks and random magnitudes over the whole float32 range."""
+    z = adversarial(np.random.default_rng(21), 600, 96)
+    out = subprocess.run([str(harness), repr(F.bump_threshold(rule))], input=z.tobytes(), capture_output=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = np.frombuffer(out.stdout, dtype=np.float32).reshape(z.shape)
+    want = mxfp4.fake_quantize(z, scale_rule=rule)
+    assert ((got == want) | (np.isnan(got) & np.isnan(want))).all()
+    assert np.isnan(got[6, :32]).all() and (got[0] == 0).all()  # a NaN block, a zero block
