@@ -157,6 +157,7 @@ def test_exported_file_loads_with_one_call(tmp_path):
     [
         (["export", "/nonexistent/model.onnx"], "model not found"),
         (["export", "__NOT_ONNX__"], "not a readable ONNX model"),
+        (["export", "__EMPTY_ONNX__"], "not a readable ONNX model"),
         (["export", "x", "--activations", "int8"], "--activations must be"),
         (["export", "x", "--method", "wush", "--output-guard"], "apply to --method torq only"),
         (["export", "x", "--method", "brq", "--inter-min-spread", "20"], "torq and torq-wush only"),
@@ -168,6 +169,10 @@ def test_cli_bad_input_messages(tmp_path, args, message):
         bad = tmp_path / "bad.onnx"
         bad.write_text("this is not protobuf")
         args = [str(bad) if a == "__NOT_ONNX__" else a for a in args]
+    if "__EMPTY_ONNX__" in args:  # parses as an empty message: must not be reported as a missing tokenizer
+        empty = tmp_path / "empty.onnx"
+        empty.write_bytes(b"")
+        args = [str(empty) if a == "__EMPTY_ONNX__" else a for a in args]
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o")] if args[0] == "export" else args)
     assert res.exit_code == 2
     assert message in res.output

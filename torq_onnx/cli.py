@@ -127,10 +127,10 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
     try:
         if not model_onnx.is_file():
             raise TorqError(f"no file at {model_onnx}")
-        try:
-            m = onnx.load(str(model_onnx), load_external_data=False)
-        except Exception:
-            raise TorqError(f"{model_onnx} is not an ONNX model") from None
+        from torq_onnx.models import check_onnx_file
+
+        check_onnx_file(model_onnx)
+        m = onnx.load(str(model_onnx), load_external_data=False)
     except TorqError as exc:
         _fail(exc)
     meta = {p.key: p.value for p in m.metadata_props}
