@@ -2,7 +2,8 @@
 
 Portable path: exported models carry the ops as model-local ONNX functions, so any
 ``onnxruntime.InferenceSession`` runs them; :func:`load_session` is the one call users need.
-CUDA path (``torq_onnx.runtime_ops.cuda``): fused CuPy kernels, imported lazily.
+CUDA path (``torq_onnx.runtime_ops.cuda``): fused CuPy kernels, imported lazily, run inside
+an ORT CUDA pipeline by :class:`SplitSession` (ORT segments cut at the online op).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from torq_onnx.runtime_ops.functions import (
     make_dequantize_node,
     make_rotate_quantize_node,
 )
+from torq_onnx.runtime_ops.split_runner import SplitSession
 
 __all__ = [
     "DEQUANTIZE_WEIGHT",
     "DOMAIN",
     "ROTATE_QUANTIZE",
+    "SplitSession",
     "attach_functions",
     "load_session",
     "make_dequantize_node",

@@ -1,0 +1,23 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A randomly initialized 2-layer LLaMA (hidden 64, MLP 128) saved as an HF folder,
+    with the character tokenizer: exercises the decoder (text-generation) export path."""
+    from tiny_models import char_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import torch
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    char_tokenizer(path)
+    return path
