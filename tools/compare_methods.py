@@ -136,7 +136,8 @@ def variants_from(args, methods: list[str]) -> list[tuple[str, str, dict]]:
     variants = [(m, m, {}) for m in methods]
     if args.ablations:
         variants += [("torq-no-inter", "torq", {"solver_options": {"inter_block": False}}),
-                     ("torq-no-intra", "torq", {"solver_options": {"intra_refine": False}})]
+                     ("torq-no-intra", "torq", {"solver_options": {"intra_refine": False}}),
+                     ("torq+error-guard", "torq", {"solver_options": {"intra_error_guard": True}})]
     if args.outlier_inter is not None:  # R_inter only at sites with block spread >= T
         t = args.outlier_inter
         variants.append((f"torq-inter-spread>={t:g}-no-intra", "torq", {"solver_options": {"intra_refine": False, "inter_min_spread": t}}))
@@ -221,7 +222,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="none", help="calibration-window seeds, comma-separated; 'none' = evenly spread windows")
     ap.add_argument("--text", default=None)
     ap.add_argument("--scale-rule", default="floor", choices=("floor", "even", "rceil"))
-    ap.add_argument("--ablations", action="store_true", help="add torq without R_inter and torq without the entropy refinement")
+    ap.add_argument("--ablations", action="store_true", help="add torq without R_inter, without the entropy refinement, and with the error guard")
     ap.add_argument("--outlier-inter", type=float, default=None, metavar="T",
                     help="add torq (no refinement) and torq-wush with R_inter only where the block-variance spread is >= T")
     ap.add_argument("--guard", action="store_true", help="add torq with the per-site output-error guard (--output-guard)")

@@ -375,7 +375,8 @@ def solve_intra_block(
     :func:`solve_pair_angle`, apply). A round is kept only if the codebook entropy with
     fresh scales does not decrease, so ``entropy_history`` is non-decreasing.
 
-    ``error_guard`` (our addition, on by default): a pair rotation is also rejected if it
+    ``error_guard`` (not in the paper; :func:`solve_rotation` leaves it off for
+    ``torq``): a pair rotation is also rejected if it
     raises the MXFP4 quantization error of the calibration rows (fresh scales). Measured on synthetic
     activations with massive outlier channels, pure entropy maximization started from
     a Hadamard raised the error; the guard keeps only rotations that help both.
@@ -472,6 +473,7 @@ def solve_rotation(
     inter_block: bool = True,
     intra_refine: bool = True,
     inter_min_spread: float = 0.0,
+    intra_error_guard: bool = False,
     hessian: np.ndarray | None = None,
     weights: np.ndarray | None = None,
 ) -> Rotation:
@@ -484,6 +486,8 @@ def solve_rotation(
     ``sample_rows`` (token activations [T, D]) rotated by R_inter, starting from
     ``intra_init`` ("hadamard" or "identity"). ``inter_block=False`` / ``intra_refine=False``
     switch off one level (ablations: R_inter = I, or R_intra = its init).
+    ``intra_error_guard``: also reject entropy rotations that raise the calibration MXFP4
+    error (not in the paper; off for the paper's algorithm).
     ``inter_min_spread``: equalize blocks only where their variance spread (max/mean of
     diag(cov)) is at least this; measured on SmolLM2, R_inter lowers the layer error only
     at massive-outlier sites (spread > 20) and raises it at most others.
@@ -518,7 +522,8 @@ def solve_rotation(
     samples = np.asarray(sample_rows, dtype=np.float64).reshape(-1, d)
     y = apply_rotation(samples, inter.rotation, np.eye(BLOCK_SIZE)).reshape(-1, BLOCK_SIZE)
     init = {"hadamard": hadamard(BLOCK_SIZE), "identity": None}[intra_init]
-    intra = solve_intra_block(y, scale_rule=scale_rule, init=init, seed=seed, max_rounds=10 if intra_refine else 0)
+    intra = solve_intra_block(y, scale_rule=scale_rule, init=init, seed=seed, max_rounds=10 if intra_refine else 0,
+                              error_guard=intra_error_guard)
     info = {
         "inter_iterations": inter.iterations,
         "inter_max_relative_deviation": inter.max_relative_deviation,
