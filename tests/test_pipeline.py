@@ -61,6 +61,10 @@ def test_quantized_graph_matches_numpy_simulation():
     assert sum(n.op_type == "TorqRotateQuantize" for n in proto.graph.node) == len(ctx.sites)
 
 
+def relative_output_error(model: ir.Model, ref: np.ndarray, feeds: dict) -> float:
+    return float(np.linalg.norm(run(model, feeds) - ref) / np.linalg.norm(ref))
+
+
 @pytest.mark.parametrize("method", ["brq", "wush"])
 def test_gptq_weights_in_the_graph(method):
     """W4A4 with GPTQ weights: the packed codes are what GPTQ chose, its Hessian-weighted
@@ -72,7 +76,7 @@ def test_gptq_weights_in_the_graph(method):
     for rounding in ("rtn", "gptq"):
         model = ir.serde.deserialize_model(base)
         ctx = rewrite(model, batches(16, 32), opts(method=method, weight_rounding=rounding, scale_search=True))
-        errs[rounding] = float(np.linalg.norm(run(model, feeds) - ref) / np.linalg.norm(ref))
+        errs[rounding] = relative_output_error(model, ref, feeds)
         proto = ir.serde.serialize_model(model)
         assert sum(n.op_type == "TorqDequantizeMXFP4" for n in proto.graph.node) == 7
         if rounding == "gptq":
@@ -100,7 +104,7 @@ def test_torq_reduces_output_error_vs_rtn():
     for method in ("rtn", "torq"):
         model = ir.serde.deserialize_model(base)
         rewrite(model, batches(12, 32), opts(method=method, weights="float"))
-        errs[method] = float(np.linalg.norm(run(model, feeds) - ref) / np.linalg.norm(ref))
+        errs[method] = relative_output_error(model, ref, feeds)
     assert errs["torq"] < errs["rtn"], errs
 
 
