@@ -33,9 +33,9 @@ def _fail(exc: Exception) -> None:
 def export(
     model: Optional[str] = typer.Argument(None, help="Local HF model folder, .onnx or .gguf file, or a packaged model: smollm2-135m (default), all-minilm-l6-v2"),
     out: Path = typer.Option(Path("torq-out"), "-o", "--out", help="Output folder (written atomically)"),
-    method: Method = typer.Option(DEFAULT_METHOD, help="Activation transform: torq is the paper's algorithm; "
-                                  "torq-wush is TORQ's inter-block rotation with WUSH per block; wush, brq (block Hadamard), "
-                                  "quarot, rtn (none) are the baselines"),
+    method: Method = typer.Option(DEFAULT_METHOD, help="Activation transform: wush (data-aware per-block transform, the most accurate); "
+                                  "torq (the paper's algorithm); torq-wush (TORQ's inter-block rotation, then WUSH per block); "
+                                  "brq (block Hadamard); quarot; rtn (none)"),
     weight_rounding: WeightRounding = typer.Option(DEFAULT_WEIGHT_ROUNDING, help="MXFP4 weight rounding: gptq (error-compensating, "
                                                    "uses the calibrated input moment) or rtn (round-to-nearest)"),
     scale_search: bool = typer.Option(True, help="Weights: per block, keep the best of the exponents e-1, e, e+1"),
