@@ -193,7 +193,7 @@ def table(rows: list[dict], float_row: dict, scorer) -> str:
     fmt = lambda f, vals: mean_spread([v * 100 for v in vals], ".2f") + "%" if f == ".2%" else mean_spread(vals, f)  # noqa: E731
     lines = ["| method | quantized | " + " | ".join(scorer.columns) + " | RTN->float gap closed | mean act. MXFP4 error | "
              "mean layer-output error | export s (excl. calibration) | model MB |",
-             "|---|---|" + "---|" * (len(scorer.columns) + 6),
+             "|---|---|" + "---|" * (len(scorer.columns) + 5),
              "| float | none | " + " | ".join(fmt(f, [float_row[k]]) for k, f in zip(scorer.keys, scorer.formats))
              + f" | - | - | - | {float_row['export_s']:.0f} | {float_row['size_mb']:.0f} |"]
     for key in keys:
