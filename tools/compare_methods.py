@@ -150,7 +150,7 @@ def variants_from(args, methods: list[str]) -> list[tuple[str, str, dict]]:
 def run_seed(args, src, tokenizer, scorer, seed: int | None, variants, modes) -> tuple[list[dict], float, int]:
     """Calibrate once (windows drawn by ``seed``), then export and score every variant x mode."""
     opts = pipeline.ExportOptions(calib_samples=args.calib_samples, seq_len=args.seq_len, calib_sample_seed=seed,
-                                  method="wush")  # wush: collect the full input moment (GPTQ, WUSH)
+                                  collect_hessian=True)  # one calibration serves GPTQ and WUSH rows too
     base = pipeline.load_ir(src.onnx_path)
     batches = pipeline.calibration_windows(base, tokenizer, args.text, opts)
     t1 = time.perf_counter()

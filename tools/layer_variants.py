@@ -55,7 +55,7 @@ def main() -> None:
     src = models.resolve(args.model)
     try:
         tokenizer = models.load_tokenizer(src.tokenizer_dir)
-        opts = pipeline.ExportOptions(method="wush", calib_samples=args.calib_samples, progress=False)
+        opts = pipeline.ExportOptions(calib_samples=args.calib_samples, progress=False, collect_hessian=True)
         model = pipeline.load_ir(src.onnx_path)
         ctx = pipeline.calibrate(model, pipeline.calibration_windows(model, tokenizer, None, opts), opts)
         NameNodes()(model)

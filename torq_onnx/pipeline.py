@@ -53,9 +53,11 @@ class ExportOptions:
     scale_search: bool = True  # weights: per block try exponents e-1, e, e+1, keep the lowest error
     act_order: bool = True  # gptq: sweep MX blocks by input energy
 
+    collect_hessian: bool = False  # collect the full input moments even if this export does not need them
+
     def needs_hessian(self) -> bool:
         """Whether calibration must collect each site's full D x D input moment."""
-        return self.method in torq.NEEDS_HESSIAN or (self.weight_rounding == "gptq" and self.weights != "float")
+        return self.collect_hessian or self.method in torq.NEEDS_HESSIAN or (self.weight_rounding == "gptq" and self.weights != "float")
 
 
 def _bar(enabled: bool, desc: str, total: int | None = None):
