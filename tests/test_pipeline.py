@@ -61,8 +61,12 @@ def test_quantized_graph_matches_numpy_simulation():
     assert sum(n.op_type == "TorqRotateQuantize" for n in proto.graph.node) == len(ctx.sites)
 
 
-def relative_output_error(model: ir.Model, ref: np.ndarray, feeds: dict) -> float:
-    return float(np.linalg.norm(run(model, feeds) - ref) / np.linalg.norm(ref))
+def export_and_error(base: onnx.ModelProto, calib: list[dict], options: ExportOptions, feeds: dict):
+    """(rewritten model, context, relative output error against ``base`` on ``feeds``)."""
+    model = ir.serde.deserialize_model(base)
+    ctx = rewrite(model, calib, options)
+    ref = run(base, feeds)
+    return model, ctx, float(np.linalg.norm(run(model, feeds) - ref) / np.linalg.norm(ref))
 
 
 @pytest.mark.parametrize("method", ["brq", "wush"])
@@ -70,13 +74,10 @@ def test_gptq_weights_in_the_graph(method):
     """W4A4 with GPTQ weights: the packed codes are what GPTQ chose, its Hessian-weighted
     error is below RTN's at every site, and the deployed model is closer to float."""
     base = tiny_transformer()
-    feeds = batches(1, 64, seed=11)[0]
-    ref = run(base, feeds)
     errs = {}
     for rounding in ("rtn", "gptq"):
-        model = ir.serde.deserialize_model(base)
-        ctx = rewrite(model, batches(16, 32), opts(method=method, weight_rounding=rounding, scale_search=True))
-        errs[rounding] = relative_output_error(model, ref, feeds)
+        model, ctx, errs[rounding] = export_and_error(base, batches(16, 32), opts(method=method, weight_rounding=rounding, scale_search=True),
+                                                      batches(1, 64, seed=11)[0])
         proto = ir.serde.serialize_model(model)
         assert sum(n.op_type == "TorqDequantizeMXFP4" for n in proto.graph.node) == 7
         if rounding == "gptq":
@@ -97,14 +98,8 @@ def test_wush_graph_carries_per_block_transforms():
 
 
 def test_torq_reduces_output_error_vs_rtn():
-    base = tiny_transformer()
-    feeds = batches(1, 64, seed=11)[0]
-    ref = run(base, feeds)
-    errs = {}
-    for method in ("rtn", "torq"):
-        model = ir.serde.deserialize_model(base)
-        rewrite(model, batches(12, 32), opts(method=method, weights="float"))
-        errs[method] = relative_output_error(model, ref, feeds)
+    errs = {m: export_and_error(tiny_transformer(), batches(12, 32), opts(method=m, weights="float"), batches(1, 64, seed=11)[0])[2]
+            for m in ("rtn", "torq")}
     assert errs["torq"] < errs["rtn"], errs
 
 
