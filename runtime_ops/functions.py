@@ -33,6 +33,14 @@ def bump_threshold(scale_rule: str) -> float:
     return _BUMP_THRESHOLD[scale_rule]
 
 
+def scale_rule_of(threshold: float) -> str:
+    """The scale rule a node's ``bump_threshold`` attribute encodes (inverse of :func:`bump_threshold`)."""
+    for rule, bump in _BUMP_THRESHOLD.items():
+        if np.float32(bump) == np.float32(threshold):
+            return rule
+    raise ValueError(f"bump_threshold {threshold} encodes no known scale rule")
+
+
 def _with_opset(fn: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
     """The body imports the model's own default opset (>= 18; the ops used have the same
     semantics in every later opset)."""

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
-from torq_onnx.runtime_ops.functions import DOMAIN, ROTATE_QUANTIZE, _BUMP_THRESHOLD
+from torq_onnx.runtime_ops.functions import DOMAIN, ROTATE_QUANTIZE, bump_threshold, scale_rule_of
 
 
 @dataclass
@@ -39,7 +39,7 @@ class OnlineOp:
 
     @property
     def scale_rule(self) -> str:
-        return next(rule for rule, bump in _BUMP_THRESHOLD.items() if np.float32(bump) == np.float32(self.bump_threshold))
+        return scale_rule_of(self.bump_threshold)
 
 
 @dataclass
@@ -84,7 +84,7 @@ def split_model(model: onnx.ModelProto) -> list[Segment | OnlineOp]:
             if r_inter not in inits or r_intra not in inits:
                 raise TorqError(f"{group.name}: rotation inputs must be initializers to split the graph")
             parts.append(OnlineOp(x, group.output[0], numpy_helper.to_array(inits[r_inter]), numpy_helper.to_array(inits[r_intra]),
-                                  float(attrs.get("bump_threshold", _BUMP_THRESHOLD["floor"]))))
+                                  float(attrs.get("bump_threshold", bump_threshold("floor")))))
             continue
         if not group:
             continue
