@@ -57,9 +57,10 @@ class QuantizeWeights(InPlacePass):
                 h = site.rotation.moment(h)
         q = weights.quantize_weight(w, self.rounding, h, self.scale_rule, self.scale_search, self.damp, self.act_order)
         if h is not None:
-            rtn = mxfp4.fake_quantize(w, axis=0, scale_rule=self.scale_rule)
-            site.report["weight_error"] = {"rtn": weights.hessian_weighted_error(w, rtn, h),
-                                           self._label(): weights.hessian_weighted_error(w, mxfp4.dequantize(q, np.float64), h)}
+            errors = {self._label(): weights.hessian_weighted_error(w, mxfp4.dequantize(q, np.float64), h)}
+            if "rtn" not in errors:  # plain RTN beside the chosen rounding, for comparison
+                errors["rtn"] = weights.hessian_weighted_error(w, mxfp4.fake_quantize(w, axis=0, scale_rule=self.scale_rule), h)
+            site.report["weight_error"] = errors
         return q
 
     def _label(self) -> str:
