@@ -17,6 +17,9 @@ from torq_onnx.runtime_ops.op_bodies import DOMAIN, DOMAIN_VERSION
 ROTATE_QUANTIZE = "TorqRotateQuantize"
 DEQUANTIZE_WEIGHT = "TorqDequantizeMXFP4"
 ROTATE = "TorqRotate"
+# IR version of the small models built here (op tests, split-runner kernels, benchmarks):
+# the newest that every supported onnxruntime (>= 1.20) loads; onnx's default may be newer.
+IR_VERSION = 10
 STD_OPSET = 18  # lowest default-domain opset the bodies need (ReduceMax axes input, BitwiseAnd)
 
 # mantissa (amax / 2**floor(log2 amax), in [1, 2)) above which the scale exponent is bumped

@@ -2,21 +2,54 @@
 // the host test harness (mxfp4_host_harness.cu), so the arithmetic is tested bit-exact
 // against torq_onnx.mxfp4 on any machine with nvcc; only the kernel's thread mapping needs
 // a GPU. No standard headers: NVRTC (CuPy's compiler) ships none; nvcc provides the math
-// functions for host code. Compile WITHOUT fast-math: subnormal scales (2^-127) and IEEE
-// rintf (round half to even) / ldexpf (exact) are relied on.
+// functions for host code. Compile WITHOUT fast-math or flush-to-zero: subnormal scales
+// (2^-127) and IEEE rintf (round half to even) are relied on.
 #pragma once
 
 #define TORQ_FLT_MAX 3.402823466e+38f
 
 __host__ __device__ inline float torq_nan() { return nanf(""); }  // the output of a NaN/Inf block
 
+// Bit casts: the scale arithmetic below uses exact powers of two built from bits rather
+// than frexpf/ldexpf, which are library calls of dozens of instructions each on the GPU.
+__host__ __device__ inline float torq_bits_to_float(unsigned u) {
+#ifdef __CUDA_ARCH__
+    return __uint_as_float(u);
+#else
+    union { unsigned u; float f; } c;
+    c.u = u;
+    return c.f;
+#endif
+}
+
+__host__ __device__ inline unsigned torq_float_to_bits(float f) {
+#ifdef __CUDA_ARCH__
+    return __float_as_uint(f);
+#else
+    union { float f; unsigned u; } c;
+    c.f = f;
+    return c.u;
+#endif
+}
+
+// 2^k exactly, for k in [-127, 127] (2^-127 is subnormal).
+__host__ __device__ inline float torq_pow2(int k) {
+    return k >= -126 ? torq_bits_to_float((unsigned)(k + 127) << 23) : torq_bits_to_float(0x00400000u);
+}
+
 // Unbiased E8M0 exponent of a block from its finite amax > 0. `bump` encodes the scale rule
 // (floor: 2, never; even: just below 1.75; rceil: 1.5): e = floor(log2 amax) - 2, plus one
-// when amax's mantissa in [1, 2) exceeds `bump`; clamped to E8M0's finite range.
+// when amax's mantissa in [1, 2) exceeds `bump`; clamped to E8M0's finite range. Read from
+// the bits (a subnormal amax is first scaled by 2^24, exactly): no log, no rounding.
 __host__ __device__ inline int torq_mxfp4_exponent(float amax, float bump) {
-    int ex;
-    float m = frexpf(amax, &ex);  // amax = m * 2^ex, m in [0.5, 1): exact, no log
-    int e = ex - 1 - 2 + ((2.f * m) > bump ? 1 : 0);
+    unsigned u = torq_float_to_bits(amax);
+    int shift = 0;
+    if ((u >> 23) == 0) {
+        u = torq_float_to_bits(amax * 16777216.f);
+        shift = 24;
+    }
+    float mantissa = torq_bits_to_float((u & 0x007fffffu) | 0x3f800000u);  // in [1, 2)
+    int e = (int)(u >> 23) - 127 - shift - 2 + (mantissa > bump ? 1 : 0);
     return e < -127 ? -127 : (e > 127 ? 127 : e);
 }
 
@@ -28,9 +61,10 @@ __host__ __device__ inline float torq_e2m1_round(float q) {
 }
 
 // One finite element of a block with exponent e: quantize-dequantize, sign restored.
+// Multiplying by an exact power of two is correctly rounded, as ldexpf is: the same values.
 __host__ __device__ inline float torq_mxfp4_element(float v, int e) {
-    float r = torq_e2m1_round(ldexpf(fabsf(v), -e));  // exact power-of-two scaling
-    float out = fminf(ldexpf(r, e), TORQ_FLT_MAX);      // 8 * 2^126 would overflow float32
+    float r = torq_e2m1_round(fabsf(v) * torq_pow2(-e));
+    float out = fminf(r * torq_pow2(e), TORQ_FLT_MAX);  // 8 * 2^126 would overflow float32
     return v < 0.f ? -out : out;
 }
 
@@ -39,11 +73,13 @@ __host__ __device__ inline float torq_mxfp4_element(float v, int e) {
 __host__ __device__ inline void torq_mxfp4_block(const float* z, float* y, float bump) {
     float amax = 0.f;
     int bad = 0;
+#pragma unroll
     for (int i = 0; i < 32; ++i) {
         bad |= !isfinite(z[i]);
         amax = fmaxf(amax, isfinite(z[i]) ? fabsf(z[i]) : 0.f);
     }
     int e = (bad || amax == 0.f) ? 0 : torq_mxfp4_exponent(amax, bump);
+#pragma unroll  // fully unrolled, a kernel keeps z and y in registers
     for (int i = 0; i < 32; ++i)
         y[i] = bad ? torq_nan() : (amax == 0.f ? 0.f : torq_mxfp4_element(z[i], e));
 }

@@ -24,7 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
-from torq_onnx.runtime_ops.functions import DOMAIN, ROTATE_QUANTIZE, bump_threshold, scale_rule_of
+from torq_onnx.runtime_ops.functions import DOMAIN, IR_VERSION, ROTATE_QUANTIZE, bump_threshold, scale_rule_of
 
 
 @dataclass
@@ -130,7 +130,7 @@ def ort_function_kernel() -> Kernel:
             node = make_rotate_quantize_node("x", "ri", "rk", "y", op.scale_rule)
             g = helper.make_graph([node], "op", [helper.make_tensor_value_info("x", t, None)], [helper.make_tensor_value_info("y", t, None)],
                                   [numpy_helper.from_array(op.r_inter.astype(np.float32), "ri"), numpy_helper.from_array(op.r_intra.astype(np.float32), "rk")])
-            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+            m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=IR_VERSION)
             attach_functions(m)
             sessions[id(op)] = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
         return sessions[id(op)].run(None, {"x": x})[0]
@@ -138,32 +138,80 @@ def ort_function_kernel() -> Kernel:
     return run
 
 
-class SplitSession:
-    """An exported torq model run as ORT segments with the online op in ``kernel``.
+@dataclass
+class ValueSpec:
+    """A graph input or output as ``session.get_inputs()`` describes it (name, type, shape)."""
 
-    CPU (default): numpy values between segments. ``device="cuda"``: segments run on the
-    CUDA execution provider with IOBinding and device OrtValues, and ``kernel`` receives
-    and returns CuPy arrays on that device (default: the CuPy kernel of
-    :mod:`torq_onnx.runtime_ops.cuda`). The CUDA branch has not been run on a GPU yet.
+    name: str
+    type: str
+    shape: list
+
+
+def _value_specs(values) -> list[ValueSpec]:
+    def spec(vi: onnx.ValueInfoProto) -> ValueSpec:
+        t = vi.type.tensor_type
+        elem = onnx.TensorProto.DataType.Name(t.elem_type).lower()
+        return ValueSpec(vi.name, f"tensor({elem})", [d.dim_param or d.dim_value for d in t.shape.dim])
+
+    return [spec(v) for v in values]
+
+
+class SplitSession:
+    """An exported torq model run as ORT segments with the online op in ``kernel``; has the
+    ``run``/``get_inputs``/``get_outputs`` of an ``InferenceSession``, so the evaluation code
+    takes it as one.
+
+    CPU (default): numpy values between segments. ``device="cuda"``: every segment runs on
+    the CUDA execution provider on one CUDA stream that CuPy shares (ORT's
+    ``user_compute_stream``). Values stay on the device: segment outputs are ORT-allocated
+    device OrtValues that the kernel reads through a CuPy view of their memory, kernel
+    outputs (CuPy arrays) are bound to the next segment by pointer, and ORT is told not to
+    synchronize after each segment, so a forward pass is queued without host waits and is
+    synchronized once, when the outputs are copied to the host. ``kernel`` then takes and
+    returns CuPy arrays (default: the fused kernel of :mod:`torq_onnx.runtime_ops.cuda`);
+    ``cuda_options`` are further CUDA execution provider options (e.g. ``{"use_tf32": "0"}``).
     """
 
-    def __init__(self, path_or_model, kernel: Kernel | None = None, device: str = "cpu", sess_options=None) -> None:
+    def __init__(self, path_or_model, kernel: Kernel | None = None, device: str = "cpu", sess_options=None, device_id: int = 0,
+                 cuda_options: dict | None = None) -> None:
         import onnxruntime as ort
 
         from torq_onnx.runtime_ops import register
 
+        if device not in ("cpu", "cuda"):
+            raise TorqError(f"device must be 'cpu' or 'cuda', not {device!r}")
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
-        self.device = device
+        self.device, self.device_id = device, device_id
         self.parts = split_model(model)
-        self.outputs = [o.name for o in model.graph.output]
-        providers = ["CUDAExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        self._inputs, self._outputs = _value_specs(model.graph.input), _value_specs(model.graph.output)
+        self.outputs = [o.name for o in self._outputs]
+        self._run_options = None
+        if device == "cuda":
+            import cupy as cp
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise TorqError("device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            with cp.cuda.Device(device_id):
+                self.stream = cp.cuda.Stream(non_blocking=True)
+            options = {**(cuda_options or {}), "device_id": device_id, "user_compute_stream": str(self.stream.ptr)}
+            providers = [("CUDAExecutionProvider", options)]
+            self._run_options = ort.RunOptions()
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        else:
+            providers = ["CPUExecutionProvider"]
         for part in self.parts:
             if isinstance(part, Segment):
                 part.session = ort.InferenceSession(part.model.SerializeToString(), sess_options=register(sess_options), providers=providers)
         if kernel is None:
-            kernel = _cupy_kernel if device == "cuda" else numpy_kernel
+            kernel = cupy_kernel() if device == "cuda" else numpy_kernel
         self.kernel = kernel
         self._plan_drops()
+
+    def get_inputs(self) -> list[ValueSpec]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[ValueSpec]:
+        return list(self._outputs)
 
     def _plan_drops(self) -> None:
         """After each segment, forget the values no later part (or graph output) reads."""
@@ -176,7 +224,15 @@ class SplitSession:
                 later.add(part.x)
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
-        values: dict[str, object] = dict(feeds) if self.device == "cpu" else {k: self._to_device(v) for k, v in feeds.items()}
+        if self.device == "cpu":
+            return self._forward(output_names, dict(feeds))
+        with self.stream:  # CuPy launches go to the stream ORT runs on
+            values = {k: self._to_device(v) for k, v in feeds.items()}
+            device_outs = self._forward(output_names, values)
+            self.stream.synchronize()  # the one wait per forward pass
+            return [_to_host(v) for v in device_outs]
+
+    def _forward(self, output_names: list[str] | None, values: dict) -> list:
         for part in self.parts:
             if isinstance(part, OnlineOp):
                 values[part.y] = self.kernel(values[part.x], part)
@@ -185,50 +241,54 @@ class SplitSession:
             values.update(zip(part.outputs, outs))
             for v in part.drop_after:
                 values.pop(v, None)
-        names = output_names or self.outputs
-        return [values[n] if self.device == "cpu" else values[n].numpy() for n in names]
+        return [values[n] for n in (output_names or self.outputs)]
 
     def _run_segment(self, seg: Segment, values: dict) -> list:
         if self.device == "cpu":
             return seg.session.run(seg.outputs, {k: values[k] for k in seg.inputs})
         binding = seg.session.io_binding()
         for k in seg.inputs:
-            binding.bind_ortvalue_input(k, self._as_ortvalue(values[k]))
+            v = values[k]
+            if hasattr(v, "data_ptr"):  # an OrtValue from an earlier segment or the feeds
+                binding.bind_ortvalue_input(k, v)
+            else:  # a CuPy array from the kernel, bound by pointer (it stays alive in `values`)
+                binding.bind_input(k, "cuda", self.device_id, v.dtype.type, list(v.shape), v.data.ptr)
         for k in seg.outputs:
-            binding.bind_output(k, "cuda")
-        seg.session.run_with_iobinding(binding)
+            binding.bind_output(k, "cuda", self.device_id)
+        seg.session.run_with_iobinding(binding, self._run_options)
         return binding.get_outputs()
 
-    @staticmethod
-    def _to_device(array: np.ndarray):
+    def _to_device(self, array: np.ndarray):
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
 
-    @staticmethod
-    def _as_ortvalue(value):
-        """A device OrtValue for a value that may be a CuPy array (a kernel's output)."""
-        import onnxruntime as ort
 
-        if isinstance(value, ort.OrtValue):
-            return value
-        out = ort.OrtValue.ortvalue_from_shape_type(list(value.shape), value.dtype.type, "cuda", 0)
-        _cupy_view(out)[...] = value
-        return out
+def _to_host(value) -> np.ndarray:
+    return value.get() if hasattr(value, "get") else value.numpy()
 
 
 def _cupy_view(value):
     """A CuPy array over a device OrtValue's buffer (no copy; the OrtValue owns it)."""
     import cupy as cp
 
-    dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}[value.data_type()]
+    dtype = helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, value.data_type()[7:-1].upper()))
     shape = tuple(value.shape())
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     mem = cp.cuda.UnownedMemory(value.data_ptr(), size, value)
     return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
 
 
-def _cupy_kernel(x, op: OnlineOp):
+def cupy_kernel() -> Kernel:
+    """The fused CUDA kernel, one :class:`~torq_onnx.runtime_ops.cuda.RotateQuantizer` (its
+    matrices uploaded once) per site; takes an OrtValue or CuPy array, returns CuPy."""
     from torq_onnx.runtime_ops import cuda
 
-    return cuda.rotate_quantize(_cupy_view(x), op.r_inter, op.r_intra, op.scale_rule)
+    quantizers: dict[int, cuda.RotateQuantizer] = {}
+
+    def run(x, op: OnlineOp):
+        if id(op) not in quantizers:
+            quantizers[id(op)] = cuda.RotateQuantizer(op.r_inter, op.r_intra, op.scale_rule)
+        return quantizers[id(op)](x if hasattr(x, "get") else _cupy_view(x))
+
+    return run

@@ -43,7 +43,7 @@ def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = Fa
         outputs,
         inits if with_rotated else [],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)], ir_version=F.IR_VERSION)
     F.attach_functions(model)
     onnx.checker.check_model(model, full_check=True)
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -142,7 +142,7 @@ def test_dequantize_weight_function_matches_reference():
         [helper.make_tensor_value_info("p", TensorProto.UINT8, [48, 40]), helper.make_tensor_value_info("s", TensorProto.UINT8, [3, 40])],
         [helper.make_tensor_value_info("w", TensorProto.FLOAT, [96, 40])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)], ir_version=F.IR_VERSION)
     F.attach_functions(model)
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"p": packed, "s": scales})[0]
     assert bits_equal(out, ref.dequantize_weight(packed, scales)).all()
@@ -161,7 +161,7 @@ def test_every_e8m0_exponent_decodes_exactly():
         [helper.make_tensor_value_info("p", TensorProto.UINT8, list(packed.shape)), helper.make_tensor_value_info("s", TensorProto.UINT8, [255, 2])],
         [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)], ir_version=F.IR_VERSION)
     F.attach_functions(model)
     out = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"p": packed, "s": scales})[0]
     np.testing.assert_array_equal(out, expected)

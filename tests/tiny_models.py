@@ -10,6 +10,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from torq_onnx.runtime_ops import functions as F
+
 D, FF, VOCAB = 64, 128, 50
 
 
@@ -45,7 +47,7 @@ def tiny_transformer(d: int = D, ff: int = FF, seed: int = 0, outlier: bool = Tr
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", VOCAB])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=F.IR_VERSION)
 
 
 def batches(n: int = 6, t: int = 16, seed: int = 1):

@@ -1,6 +1,12 @@
-"""Benchmark TorqRotateQuantize: numpy reference vs ORT CPU (ONNX function) vs CUDA, beside a MatMul.
+"""Benchmark the online op TorqRotateQuantize beside the MatMul it feeds.
 
-Prints one table. Run: python tools/bench_ops.py [--quick]
+CPU table: numpy reference vs the op's ONNX function in ORT CPU. CUDA table (with CuPy and a
+GPU): the fused CuPy kernel vs the same ONNX function run by ORT's CUDA execution provider
+(needs onnxruntime-gpu), its bandwidth against a device-to-device copy, and its time
+against the [tokens, D] x [D, D] MatMul it feeds. Two layouts: "wush" (per-block 32x32
+transforms, identity R_inter) and "torq" (dense R_inter, one shared 32x32 R_intra).
+
+Run: python tools/bench_ops.py [--quick] [--cpu-only] [--cuda-only]
 """
 
 from __future__ import annotations
@@ -28,64 +34,127 @@ def best_time(fn, repeat: int = 3) -> float:
     return min(times)
 
 
-def op_session(d: int) -> ort.InferenceSession:
+def op_model(d: int, per_block: bool) -> onnx.ModelProto:
     b = d // 32
     graph = helper.make_graph(
         [F.make_rotate_quantize_node("x", "ri", "rk", "y")], "bench",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, [b, b]),
-         helper.make_tensor_value_info("rk", TensorProto.FLOAT, [32, 32])],
+         helper.make_tensor_value_info("rk", TensorProto.FLOAT, [b, 32, 32] if per_block else [32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", F.STD_OPSET)], ir_version=F.IR_VERSION)
     F.attach_functions(model)
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return model
 
 
-def matmul_session(d: int) -> ort.InferenceSession:
+def matmul_model(d: int) -> onnx.ModelProto:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d]), helper.make_tensor_value_info("w", TensorProto.FLOAT, [d, d])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])],
     )
-    return ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(), providers=["CPUExecutionProvider"])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=F.IR_VERSION)
 
 
-def cuda_columns(x: np.ndarray, rot: torq.Rotation) -> tuple[str, str]:
-    try:
-        from torq_onnx.runtime_ops import cuda
-    except Exception:
-        return "n/a", "n/a"
-    if not cuda.available():
-        return "n/a (no GPU)", "n/a"
-    t, gbps, copy_gbps = cuda.benchmark(x, rot.r_inter, rot.r_intra)
-    return f"{t * 1e3:.3f}", f"{gbps:.0f} / {copy_gbps:.0f}"
+def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=[provider])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="D in {2048, 4096}, 1k tokens only")
-    args = ap.parse_args()
-    dims = [2048, 4096] if args.quick else [2048, 4096, 8192]
-    tokens = [1024] if args.quick else [1024, 8192]
-    rows = []
+def layout(d: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(r_inter, r_intra) of the kind a method exports."""
+    b = d // 32
+    if name == "wush":
+        r_intra = np.random.default_rng(2).standard_normal((b, 32, 32)) / np.sqrt(32)
+        return np.eye(b, dtype=np.float32), r_intra.astype(np.float32)
+    rot = torq.solve_rotation("quarot", d, seed=0)
+    return rot.r_inter.astype(np.float32), rot.r_intra.astype(np.float32)
+
+
+def cpu_table(dims: list[int], tokens: list[int]) -> None:
+    print("CPU: TorqRotateQuantize (torq layout) vs the MatMul it feeds, ORT CPU, best of 3")
+    hdr = f"{'D':>5} {'tokens':>6} {'numpy ref ms':>12} {'ORT op ms':>10} {'ORT MatMul ms':>13} {'op/MatMul':>9}"
+    print(hdr + "\n" + "-" * len(hdr))
     for d in dims:
-        rot = torq.solve_rotation("quarot", d, seed=0)
-        ri, rk = rot.r_inter.astype(np.float32), rot.r_intra.astype(np.float32)
-        sess, mm = op_session(d), matmul_session(d)
+        ri, rk = layout(d, "torq")
+        sess, mm = session(op_model(d, False), "CPUExecutionProvider"), session(matmul_model(d), "CPUExecutionProvider")
         w = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
         for t in tokens:
             x = np.random.default_rng(0).standard_normal((t, d)).astype(np.float32)
             t_ref = best_time(lambda: ref.rotate_quantize(x, ri, rk), repeat=1)
             t_ort = best_time(lambda: sess.run(None, {"x": x, "ri": ri, "rk": rk}))
             t_mm = best_time(lambda: mm.run(None, {"x": x, "w": w}))
-            cuda_ms, cuda_bw = cuda_columns(x, rot)
-            rows.append((d, t, t_ref * 1e3, t_ort * 1e3, t_mm * 1e3, t_ort / t_mm, cuda_ms, cuda_bw))
-    hdr = f"{'D':>5} {'tokens':>6} {'numpy ref ms':>12} {'ORT CPU op ms':>13} {'ORT MatMul ms':>13} {'op/MatMul':>9} {'CUDA op ms':>12} {'CUDA GB/s / copy GB/s':>22}"
-    print(hdr)
-    print("-" * len(hdr))
-    for d, t, a, b, c, r, cm, cb in rows:
-        print(f"{d:>5} {t:>6} {a:>12.1f} {b:>13.1f} {c:>13.1f} {r:>9.2f} {cm:>12} {cb:>22}")
-    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}; CPU threads = ORT default")
+            print(f"{d:>5} {t:>6} {t_ref * 1e3:>12.1f} {t_ort * 1e3:>10.1f} {t_mm * 1e3:>13.1f} {t_ort / t_mm:>9.2f}")
+
+
+def gpu_ms(fn, repeat: int = 50) -> float:
+    """Median device time of fn() (CuPy work on the current stream), in ms."""
+    from cupyx.profiler import benchmark
+
+    return float(np.median(benchmark(fn, n_repeat=repeat, n_warmup=5).gpu_times[0]) * 1e3)
+
+
+def ort_cuda_ms(sess: ort.InferenceSession, feeds: dict, out: str, repeat: int = 30) -> float:
+    """Median wall time of an ORT CUDA run on device-resident inputs and outputs, in ms."""
+    binding = sess.io_binding()
+    for k, v in feeds.items():
+        binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
+    binding.bind_output(out, "cuda", 0)
+    sess.run_with_iobinding(binding)  # warm-up (allocations, cuBLAS handles)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        sess.run_with_iobinding(binding)  # returns once the device work is done
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def cuda_table(dims: list[int], tokens: list[int]) -> None:
+    from torq_onnx.runtime_ops import cuda
+
+    if not cuda.available():
+        print("CUDA: no GPU with CuPy here; table skipped")
+        return
+    import cupy as cp
+
+    has_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    print(f"\nCUDA ({props['name'].decode()}): fused kernel vs ORT CUDA running the op's ONNX function; "
+          f"GB/s counts x read + y written; MatMul = ORT CUDA [tokens, D] x [D, D] float32")
+    hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'ours ms':>8} {'GB/s':>6} {'% copy':>6} {'ORT fn ms':>9} "
+           f"{'speed-up':>8} {'MatMul ms':>9} {'op/MatMul':>9}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for d in dims:
+        w = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
+        mm = session(matmul_model(d), "CUDAExecutionProvider") if has_ort else None
+        for t in tokens:
+            x = np.random.default_rng(0).standard_normal((t, d)).astype(np.float32)
+            xd, out = cp.asarray(x), cp.empty((t, d), cp.float32)
+            copy_gbps = 2 * x.nbytes / gpu_ms(lambda: cp.copyto(out, xd)) / 1e6
+            t_mm = ort_cuda_ms(mm, {"x": x, "w": w}, "y") if mm else float(gpu_ms(lambda: cp.matmul(xd, cp.asarray(w))))
+            for name in ("wush", "torq"):
+                ri, rk = layout(d, name)
+                q = cuda.RotateQuantizer(ri, rk)
+                t_ours = gpu_ms(lambda: q(xd))
+                t_fn = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider"), {"x": x, "ri": ri, "rk": rk}, "y") if has_ort else float("nan")
+                gbps = 2 * x.nbytes / t_ours / 1e6
+                print(f"{d:>5} {t:>6} {name:>6} {t_ours:>8.3f} {gbps:>6.0f} {100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} "
+                      f"{t_fn / t_ours:>7.1f}x {t_mm:>9.3f} {100 * t_ours / t_mm:>8.1f}%")
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (last size); ORT CUDA EP {'available' if has_ort else 'not installed: ORT columns n/a'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="D in {2048, 4096}, 1k tokens only")
+    ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--cuda-only", action="store_true")
+    args = ap.parse_args()
+    dims = [2048, 4096] if args.quick else [2048, 4096, 8192]
+    tokens = [1024] if args.quick else [1024, 8192]
+    if not args.cuda_only:
+        cpu_table(dims, tokens)
+    if not args.cpu_only:
+        cuda_table(dims, tokens)
+    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""An exported torq model in ONNX Runtime on the GPU, against the same model on the CPU.
+
+Three ways to run one model.onnx on held-out token ids (strided 512-token windows):
+  cpu       ORT CPU, whole graph (the op inlined from its ONNX function): the reference
+  cuda-fn   ORT CUDA EP, whole graph: the op's ONNX function body run by ORT's CUDA kernels
+  cuda-ours the split runner: ORT CUDA segments + the fused CuPy kernel, one stream
+For each: perplexity, KL divergence from and top-1 agreement with the cpu run, time per
+512-token forward pass (median of 10) and the tokens/s it gives. Needs onnxruntime-gpu
+and CuPy for the CUDA rows.
+
+Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokenizer-dir OUT/tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from torq_onnx import calibration as calib
+from torq_onnx.evaluate import Reference, evaluation_ids, logits_output, perplexity, sliding_windows
+from torq_onnx.runtime_ops import load_session
+from torq_onnx.runtime_ops.split_runner import SplitSession
+
+
+def forward_ms(session, ids: np.ndarray, repeat: int = 10) -> float:
+    specs = [(i.name, i.type) for i in session.get_inputs()]
+    feeds = calib.feeds_for_inputs(specs, ids)
+    out = logits_output(session)
+    session.run([out], feeds)  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        session.run([out], feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--ids", help=".npy of held-out token ids (else tokenized from the packaged text)")
+    ap.add_argument("--tokenizer-dir", help="tokenizer folder, to tokenize the packaged held-out text")
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--tf32", choices=["0", "1"], help="the CUDA EP's use_tf32 option (default: ORT's)")
+    args = ap.parse_args()
+    if args.ids:
+        ids = np.load(args.ids)[: args.max_tokens]
+    else:
+        from torq_onnx import models
+
+        ids = evaluation_ids(models.load_tokenizer(Path(args.tokenizer_dir)), None, args.max_tokens)
+    window = ids[:512]
+    cpu = load_session(args.model)
+    rows = [("cpu", cpu)]
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        opts = {"use_tf32": args.tf32} if args.tf32 else {}
+        rows.append(("cuda-fn", load_session(args.model, providers=[("CUDAExecutionProvider", opts)])))
+        rows.append(("cuda-ours", SplitSession(args.model, device="cuda", cuda_options=opts)))
+    else:
+        print("onnxruntime-gpu is not installed: CPU row only")
+    reference = Reference(cpu, cache=True)
+    for w in sliding_windows(int(ids.size), 512, 256):  # the cpu logits, computed once, outside the timed runs
+        reference.scored_logprobs(w, ids[w.begin : w.end])
+    print(f"{'run':>9} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
+    for name, session in rows:
+        ms = forward_ms(session, window)
+        res = perplexity(session, ids, reference=reference)
+        tps = window.size / ms * 1e3
+        print(f"{name:>9} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")
+    print(f"{ids.size} tokens; use_tf32={args.tf32 or 'default'}; onnxruntime {ort.__version__}; providers {ort.get_available_providers()}")
+
+
+if __name__ == "__main__":
+    main()
