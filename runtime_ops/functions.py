@@ -77,7 +77,8 @@ def dequantize_weight_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
 def all_functions(opset: int = STD_OPSET) -> list[onnx.FunctionProto]:
     """The torq functions, importing the model's own default opset (>= 18; the ops used
     have the same semantics in every later opset)."""
-    return [rotate_quantize_function(opset), rotate_function(opset), dequantize_weight_function(opset)]
+    helper_fn = _with_opset(op_bodies.TorqRotateBlockMajor.to_function_proto(), opset)  # called by both rotations
+    return [rotate_quantize_function(opset), rotate_function(opset), helper_fn, dequantize_weight_function(opset)]
 
 
 def make_rotate_quantize_node(x: str, r_inter: str, r_intra: str, y: str, scale_rule: str = "floor", name: str | None = None) -> onnx.NodeProto:

@@ -29,13 +29,26 @@ U8_4, U8_7, U8_8, U8_15 = (helper.make_tensor("", TensorProto.UINT8, [], [v]) fo
 
 
 @script(torq_opset, default_opset=op)
+def TorqRotateBlockMajor(x, r_inter, r_intra):
+    """``R_inter @ X @ R_intra`` for x [..., D] as float32 blocks in block-major layout
+    [B, N, 32] (N = tokens): there R_inter is one [B, B] x [B, N*32] GEMM and R_intra one
+    [B*N, 32] x [32, 32] GEMM, or B batched [N, 32] x [32, 32] ones when it is per block
+    ([B, 32, 32]); token-major, both would be N (or N*B) tiny products."""
+    b = op.Shape(r_inter, end=1)
+    minus_one = op.Constant(value_ints=[-1])
+    tokens_first = op.Reshape(op.Cast(x, to=F32), op.Concat(minus_one, b, op.Constant(value_ints=[32]), axis=0))
+    blocks = op.Reshape(op.Transpose(tokens_first, perm=[1, 0, 2]), op.Concat(b, minus_one, axis=0))  # [B, N*32]
+    mixed = op.Reshape(op.MatMul(r_inter, blocks), op.Concat(b, minus_one, op.Constant(value_ints=[32]), axis=0))
+    z = op.MatMul(mixed, r_intra)
+    return z
+
+
+@script(torq_opset, default_opset=op)
 def TorqRotate(x, r_inter, r_intra):
     """Two-level TORQ rotation without quantization: ``R_inter @ X @ R_intra`` (float32
     GEMMs), returned in x's dtype. ``r_intra`` is [32, 32] or [B, 32, 32] (per block)."""
-    blocks = op.Reshape(op.Cast(x, to=F32), op.Concat(op.Shape(x, end=-1), op.Shape(r_inter, end=1), op.Constant(value_ints=[32]), axis=0))
-    # [..., B, 1, 32]: the singleton axis lets one MatMul take a shared or a per-block r_intra
-    z = op.MatMul(op.Unsqueeze(op.MatMul(r_inter, blocks), op.Constant(value_ints=[-2])), r_intra)
-    y = op.CastLike(op.Reshape(z, op.Shape(x)), x)
+    z = TorqRotateBlockMajor(x, r_inter, r_intra)
+    y = op.CastLike(op.Reshape(op.Transpose(z, perm=[1, 0, 2]), op.Shape(x)), x)
     return y
 
 
@@ -45,37 +58,38 @@ def TorqRotateQuantize(x, r_inter, r_intra, bump_threshold: float):
 
     ``bump_threshold`` encodes the scale rule: the exponent ``floor(log2 amax) - 2`` is
     bumped by one when amax's mantissa in [1, 2) exceeds it (floor: never)."""
-    blocks = op.Reshape(op.Cast(x, to=F32), op.Concat(op.Shape(x, end=-1), op.Shape(r_inter, end=1), op.Constant(value_ints=[32]), axis=0))
-    z = op.MatMul(op.Unsqueeze(op.MatMul(r_inter, blocks), op.Constant(value_ints=[-2])), r_intra)
+    z = TorqRotateBlockMajor(x, r_inter, r_intra)  # [B, N, 32]
+    # Full-size steps are plain arithmetic (ORT CPU's Where costs about nine Muls); the
+    # selections that remain act on per-block [..., B, 1] tensors.
+    zero = op.Constant(value_float=0.0)
     one = op.Constant(value_float=1.0)
     two = op.Constant(value_float=2.0)
     half = op.Constant(value_float=0.5)
-    a = op.Abs(z)
-    # a block with any NaN/Inf decodes to NaN; an all-zero block stays zero
-    nonfinite = op.Cast(op.Or(op.IsNaN(z), op.IsInf(z)), to=F32)
-    bad = op.Greater(op.ReduceMax(nonfinite, op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=0.0))
-    amax = op.ReduceMax(a, op.Constant(value_ints=[-1]), keepdims=1)
-    zero_or_bad = op.Or(bad, op.Equal(amax, op.Constant(value_float=0.0)))
-    amax = op.Where(zero_or_bad, one, amax)
-    # floor(log2 amax): estimate, then correct by exact comparisons with 2**est
+    last = op.Constant(value_ints=[-1])
+    # a block with any NaN/Inf decodes to NaN (z * 0 is NaN exactly there); zeros stay zero
+    bad = op.IsNaN(op.ReduceSum(op.Mul(z, zero), last, keepdims=1))
+    amax = op.Max(op.ReduceMax(z, last, keepdims=1), op.Neg(op.ReduceMin(z, last, keepdims=1)))
+    amax = op.Where(op.Or(bad, op.Equal(amax, zero)), one, amax)  # any scale serves these
+    # floor(log2 amax): estimate, then correct by exact comparisons with p = 2**est
     est = op.Floor(op.Div(op.Log(amax), op.Constant(value_float=LN2)))
-    est = op.Sub(est, op.Cast(op.Greater(op.Pow(two, est), amax), to=F32))
-    est = op.Add(est, op.Cast(op.LessOrEqual(op.Mul(op.Pow(two, est), two), amax), to=F32))
-    mant = op.Div(amax, op.Pow(two, est))
-    e = op.Add(op.Sub(est, two), op.Cast(op.Greater(mant, op.Constant(value_float=bump_threshold)), to=F32))
-    e = op.Clip(e, op.Constant(value_float=-127.0), op.Constant(value_float=127.0))
-    e = op.Where(zero_or_bad, op.Constant(value_float=-127.0), e)
-    scale = op.Pow(two, e)
-    v = op.Div(a, scale)
-    # E2M1 round half to even: step 0.5 below 2, step 1 below 4, step 2 above; saturate at 6
-    q_lo = op.Mul(op.Round(op.Mul(v, two)), half)
-    q_hi = op.Mul(op.Round(op.Mul(v, half)), two)
-    q = op.Where(op.Less(v, two), q_lo, op.Where(op.Less(v, op.Constant(value_float=4.0)), op.Round(v), q_hi))
-    q = op.Min(q, op.Constant(value_float=6.0))
-    mag = op.Min(op.Mul(q, scale), op.Constant(value_float=FLT_MAX))
-    signed = op.Where(op.Less(z, op.Constant(value_float=0.0)), op.Neg(mag), mag)
-    out = op.Where(bad, op.Constant(value_float=NAN), signed)
-    y = op.CastLike(op.Reshape(out, op.Shape(x)), x)
+    p = op.Pow(two, est)
+    low = op.Cast(op.Greater(p, amax), to=F32)
+    p = op.Mul(p, op.Sub(one, op.Mul(low, half)))
+    high = op.Cast(op.LessOrEqual(op.Mul(p, two), amax), to=F32)
+    p = op.Mul(p, op.Add(one, high))
+    bump = op.Cast(op.Greater(op.Div(amax, p), op.Constant(value_float=bump_threshold)), to=F32)
+    # scale = 2**(floor(log2 amax) - 2 + bump) clamped to E8M0's [2**-127, 2**127]; p / 4 may
+    # underflow only when that exponent is below -127, where the clamp is the answer anyway
+    scale = op.Clip(op.Mul(op.Mul(p, op.Constant(value_float=0.25)), op.Add(one, bump)),
+                    op.Constant(value_float=2.0**-127), op.Constant(value_float=2.0**127))
+    v = op.Div(z, scale)  # exact: scale is a power of two and |v| < 8
+    # E2M1 grid step: 1/2 below 2, 1 below 4, 2 above (= clip(floor(|v| / 2), 1/2, 2));
+    # Round is half to even and odd-symmetric, so signed values round like magnitudes
+    step = op.Clip(op.Floor(op.Mul(op.Abs(v), half)), half, two)
+    q = op.Clip(op.Mul(op.Round(op.Div(v, step)), step), op.Constant(value_float=-6.0), op.Constant(value_float=6.0))
+    y_block = op.Clip(op.Mul(q, scale), op.Constant(value_float=-FLT_MAX), op.Constant(value_float=FLT_MAX))
+    out = op.Add(y_block, op.Where(bad, op.Constant(value_float=NAN), zero))  # NaN per bad block
+    y = op.CastLike(op.Reshape(op.Transpose(out, perm=[1, 0, 2]), op.Shape(x)), x)
     return y
 
 
