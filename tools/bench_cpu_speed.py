@@ -22,7 +22,7 @@ from torq_onnx.runtime_ops import load_session
 
 
 def pass_ms(session, ids: np.ndarray, repeat: int = 5) -> float:
-    feeds = calib.feeds_for_inputs([(i.name, i.type) for i in session.get_inputs()], ids)
+    feeds = calib.feeds_for_inputs(calib.input_specs(session), ids)
     out = logits_output(session)
     session.run([out], feeds)
     times = []

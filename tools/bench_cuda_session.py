@@ -27,7 +27,7 @@ from torq_onnx.runtime_ops.split_runner import SplitSession
 
 
 def forward_ms(session, ids: np.ndarray, repeat: int = 10) -> float:
-    specs = [(i.name, i.type) for i in session.get_inputs()]
+    specs = calib.input_specs(session)
     feeds = calib.feeds_for_inputs(specs, ids)
     out = logits_output(session)
     session.run([out], feeds)  # warm-up

@@ -32,7 +32,7 @@ def main() -> None:
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "torq_profile")
     sess = ort.InferenceSession(args.model, sess_options=opts, providers=[args.provider])
-    specs = [(i.name, i.type) for i in sess.get_inputs()]
+    specs = calib.input_specs(sess)
     vocab = 1000
     feeds = calib.feeds_for_inputs(specs, np.random.default_rng(0).integers(0, vocab, args.tokens))
     sess.run(None, feeds)  # warm-up, excluded below

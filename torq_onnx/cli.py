@@ -1,4 +1,4 @@
-"""``torq-onnx`` command line: export | eval | inspect."""
+"""``torq-onnx`` command line: export | eval | generate | inspect."""
 
 from __future__ import annotations
 
@@ -115,6 +115,29 @@ def eval_cmd(
     if res.kl_divergence is not None:
         Console().print(f"vs reference: mean KL [bold]{res.kl_divergence:.4f}[/] nats/token (p99 {res.kl_divergence_p99:.3f}), "
                         f"top-1 agreement [bold]{res.top1_agreement * 100:.2f}%[/]")
+
+
+@app.command()
+def generate(
+    model_dir: Path = typer.Argument(..., help="An exported decoder (OUT folder or its model.onnx), with tokenizer/ beside it"),
+    prompt: str = typer.Argument(..., help="The text to continue"),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens to generate at most (stops earlier at end-of-sequence)"),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; else sample from softmax(logits / T)"),
+    top_p: float = typer.Option(1.0, max=1.0, help="Sample only from the most likely tokens holding this much mass"),
+    seed: Optional[int] = typer.Option(None, help="Random seed for sampling"),
+) -> None:
+    """Generate text with the KV cache in ONNX Runtime, streamed; prints prefill and decode speed."""
+    from torq_onnx.generate import SamplingOptions, generate as run_generation
+
+    out = Console(highlight=False)
+    try:
+        res = run_generation(model_dir, prompt, SamplingOptions(max_new_tokens, temperature, top_p, seed),
+                             on_text=lambda piece: out.print(piece, end="", markup=False, soft_wrap=True))
+    except (TorqError, ValueError) as exc:
+        _fail(exc)
+    out.print()
+    err.print(f"prefill: {res.prompt_tokens} tokens, {res.prefill_tokens_per_second:.1f} tokens/s; "
+              f"decode: {len(res.tokens)} tokens, {res.decode_tokens_per_second:.1f} tokens/s")
 
 
 @app.command()

@@ -72,7 +72,7 @@ class Reference:
     def __init__(self, session, cache: bool = False) -> None:
         self.session, self.cache = session, cache
         self._out = logits_output(session)
-        self._specs = [(i.name, i.type) for i in session.get_inputs()]
+        self._specs = calib.input_specs(session)
         self._store: dict[tuple[int, int], np.ndarray] = {}
 
     def scored_logprobs(self, window: Window, chunk: np.ndarray) -> np.ndarray:
@@ -128,7 +128,7 @@ def perplexity(
     """Strided-window perplexity of token ids [N] under an ORT session of a causal LM; with
     a ``reference``, also the KL divergence from its distributions and top-1 agreement."""
     out_name = logits_output(session)
-    specs = [(i.name, i.type) for i in session.get_inputs()]
+    specs = calib.input_specs(session)
     windows = sliding_windows(int(ids.size), seq_len, stride)
     total, count = 0.0, 0
     kls, agree = [], []
@@ -226,7 +226,7 @@ def evaluation_sentences(text_path: str | None, n: int = 256, min_chars: int = 4
 def sentence_embeddings(session, tokenizer, sentences: list[str]) -> np.ndarray:
     """Mean-pooled (sentence-transformers style), L2-normalized embeddings [S, H] from the
     encoder's first output ([1, T, H] hidden states)."""
-    specs = [(i.name, i.type) for i in session.get_inputs()]
+    specs = calib.input_specs(session)
     out_name = session.get_outputs()[0].name
     rows = []
     for sentence in sentences:

@@ -88,8 +88,10 @@ def third_party_quiet() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def export_hf(model_dir: Path, opset: int = MIN_OPSET) -> SourceModel:
-    """Export a local HF model folder to ONNX with optimum-onnx, offline, without KV cache."""
+def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True) -> SourceModel:
+    """Export a local HF model folder to ONNX with optimum-onnx, offline. Decoders get a KV
+    cache (``past_key_values.*`` inputs, ``present.*`` outputs; an empty cache is a plain
+    full-sequence pass, which is how calibration and ``eval`` run it)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from optimum.exporters.onnx import main_export
@@ -99,7 +101,8 @@ def export_hf(model_dir: Path, opset: int = MIN_OPSET) -> SourceModel:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as exc:
         raise TorqError(f"{model_dir} is not a Hugging Face model folder: {exc}") from None
-    task = "text-generation" if config.is_decoder or getattr(config, "architectures", [""])[0].endswith("CausalLM") else "feature-extraction"
+    decoder = config.is_decoder or (getattr(config, "architectures", None) or [""])[0].endswith("CausalLM")
+    task = ("text-generation-with-past" if kv_cache else "text-generation") if decoder else "feature-extraction"
     work = tempfile.TemporaryDirectory(prefix="torq-export-")
     try:
         with third_party_quiet():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import resource
 import tempfile
 import time
@@ -71,7 +72,12 @@ def _run(model: ir.Model, *passes) -> None:
         cause: BaseException | None = exc
         while cause is not None and not isinstance(cause, TorqError):
             cause = cause.__cause__
-        raise (cause or exc) from None
+        if cause is not None:
+            raise cause from None
+        inner: BaseException = exc
+        while inner.__cause__ is not None:
+            inner = inner.__cause__
+        raise TorqError(f"{type(inner).__name__}: {inner}") from exc  # the root cause, not onnx-ir's wrapper
 
 
 def calibrate(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
@@ -147,8 +153,20 @@ def calibration_windows(model_ir: ir.Model, tokenizer, text_path: str | None, op
     """Feed dicts of ``opts.calib_samples`` windows from the calibration part of the text."""
     calib_text, _ = text.split_corpus(text.load_text(text_path))
     ids = calib.tokenize(tokenizer, calib_text)
-    specs = [(v.name, str(v.dtype)) for v in model_ir.graph.inputs]
+    specs = calib.input_specs(model_ir)
     return [calib.feeds_for_inputs(specs, w) for w in calib.token_windows(ids, opts.seq_len, opts.calib_samples, opts.calib_sample_seed)]
+
+
+def model_facts(model_ir: ir.Model, hf_dir: Path | None) -> dict:
+    """What users of the export need to know about the source: its context length (from
+    the HF config, when there is one) and whether the graph takes a KV cache."""
+    facts: dict = {"kv_cache": any(calib.is_past_input(v.name) for v in model_ir.graph.inputs)}
+    config = hf_dir / "config.json" if hf_dir is not None else None
+    if config is not None and config.is_file():
+        n = json.loads(config.read_text()).get("max_position_embeddings")
+        if isinstance(n, int):
+            facts["context_length"] = n
+    return facts
 
 
 def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer, report: dict, opts: ExportOptions) -> Path:
@@ -176,6 +194,7 @@ def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = 
         ctx = rewrite(model_ir, batches, opts, n_batches=len(batches))
         timings = {"hf_to_onnx": t_export, "passes": time.perf_counter() - t1, "total_before_save": time.perf_counter() - t0}
         report = build_report(ctx, opts, timings, model or f"{models.DEFAULT_MODEL} (default)")
+        report["model"] = model_facts(model_ir, src.tokenizer_dir)
         report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len,
                                  "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
         return write_output(model_ir, out_dir, tokenizer, report, opts)

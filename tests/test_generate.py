@@ -1,0 +1,114 @@
+"""KV-cache export and token-by-token generation (``torq-onnx generate``) on a tiny LLaMA."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from torq_onnx import calibration as calib
+from torq_onnx.cli import app
+from torq_onnx.errors import TorqError
+from torq_onnx.generate import CachedDecoder, SamplingOptions, choose_token, generate
+from torq_onnx.runtime_ops import load_session
+
+FAST = ["--calib-samples", "2", "--seq-len", "64", "--quiet"]
+PROMPT = "the cat sat on the mat"
+
+
+def export(src, out, *flags: str):
+    res = CliRunner().invoke(app, ["export", str(src), "-o", str(out), *FAST, *flags])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def float_export(tiny_llama_dir, tmp_path_factory):
+    """Quantization off: identity transform, float weights, float activations."""
+    return export(tiny_llama_dir, tmp_path_factory.mktemp("g") / "float", "--method", "rtn", "--weights", "float", "--activations", "float")
+
+
+@pytest.fixture(scope="module")
+def w4a4_export(tiny_llama_dir, tmp_path_factory):
+    return export(tiny_llama_dir, tmp_path_factory.mktemp("g") / "w4a4")
+
+
+def greedy_without_cache(model_path, prompt_ids: np.ndarray, n: int) -> list[int]:
+    """The reference: every step re-runs the whole sequence with an empty cache."""
+    session = load_session(model_path)
+    specs = calib.input_specs(session)
+    ids, out = list(prompt_ids), []
+    for _ in range(n):
+        (logits,) = session.run(["logits"], calib.feeds_for_inputs(specs, np.array(ids)))
+        out.append(int(np.argmax(logits[0, -1])))
+        ids.append(out[-1])
+    return out
+
+
+def test_export_has_a_kv_cache_and_records_the_context(float_export):
+    report = json.loads((float_export / "report.json").read_text())
+    assert report["model"] == {"kv_cache": True, "context_length": 256}
+    names = {i.name for i in load_session(float_export / "model.onnx").get_inputs()}
+    assert {"past_key_values.0.key", "past_key_values.1.value"} <= names
+
+
+def test_greedy_with_the_cache_equals_full_recomputation(float_export, tiny_llama_dir):
+    from torq_onnx import models
+
+    res = generate(float_export, PROMPT, SamplingOptions(max_new_tokens=24))
+    prompt_ids = calib.tokenize(models.load_tokenizer(float_export / "tokenizer"), PROMPT)
+    assert res.tokens == greedy_without_cache(float_export / "model.onnx", prompt_ids, len(res.tokens))
+    # and the float model in transformers (greedy, its own cache) picks the same tokens
+    import torch
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompt_ids)[None], max_new_tokens=len(res.tokens), do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert res.tokens == ref[0, prompt_ids.size :].tolist()
+
+
+def test_w4a4_generation_runs_with_finite_logits(w4a4_export):
+    decoder = CachedDecoder(load_session(w4a4_export / "model.onnx"))
+    logits, cache = decoder.step(np.array([3, 4, 5, 6]), 0, decoder.empty_cache())
+    for pos in range(4, 12):
+        assert np.isfinite(logits).all()
+        logits, cache = decoder.step(np.array([int(np.argmax(logits))]), pos, cache)
+    assert cache[0].shape[2] == 12  # the cache grew by one position per step
+    res = CliRunner().invoke(app, ["generate", str(w4a4_export), PROMPT, "--max-new-tokens", "8", "--temperature", "0.7", "--top-p", "0.9", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert "decode: 8 tokens" in res.output
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_head():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    opts = SamplingOptions(temperature=1.0, top_p=0.7)
+    draws = [choose_token(logits, opts, np.random.default_rng(s)) for s in range(200)]
+    assert set(draws) == {0, 1}  # 0.5 + 0.3 covers 0.7; the tail is cut
+    assert draws == [choose_token(logits, opts, np.random.default_rng(s)) for s in range(200)]
+    assert choose_token(logits, SamplingOptions(), np.random.default_rng(0)) == 0  # greedy
+
+
+def test_bad_generation_requests_get_one_line_errors(float_export, tmp_path):
+    with pytest.raises(TorqError, match="exceeds the model's context of 256 tokens"):
+        generate(float_export, "word " * 300, SamplingOptions(max_new_tokens=4))
+    with pytest.raises(TorqError, match="--top-p"):
+        generate(float_export, PROMPT, SamplingOptions(top_p=0.0))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.onnx").write_bytes((float_export / "model.onnx").read_bytes())
+    res = CliRunner().invoke(app, ["generate", str(bare), PROMPT])
+    assert res.exit_code == 2 and "no tokenizer" in res.output and "Traceback" not in res.output
+
+
+def test_a_model_without_a_kv_cache_is_refused(tmp_path):
+    import onnx
+
+    from tiny_models import tiny_transformer
+
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_transformer(), path)
+    with pytest.raises(TorqError, match="no KV-cache inputs"):
+        CachedDecoder(load_session(path))
