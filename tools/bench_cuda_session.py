@@ -14,29 +14,14 @@ Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokeniz
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from torq_onnx import calibration as calib
-from torq_onnx.evaluate import Reference, evaluation_ids, logits_output, perplexity, sliding_windows
+from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, perplexity, sliding_windows
 from torq_onnx.runtime_ops import load_session
 from torq_onnx.runtime_ops.split_runner import SplitSession
-
-
-def forward_ms(session, ids: np.ndarray, repeat: int = 10) -> float:
-    specs = calib.input_specs(session)
-    feeds = calib.feeds_for_inputs(specs, ids)
-    out = logits_output(session)
-    session.run([out], feeds)  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        session.run([out], feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
 
 
 def main() -> None:
@@ -67,7 +52,7 @@ def main() -> None:
         reference.scored_logprobs(w, ids[w.begin : w.end])
     print(f"{'run':>9} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
     for name, session in rows:
-        ms = forward_ms(session, window)
+        ms = forward_ms(session, window, repeat=10)
         res = perplexity(session, ids, reference=reference)
         tps = window.size / ms * 1e3
         print(f"{name:>9} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")

@@ -117,6 +117,19 @@ def logits_output(session) -> str:
     )
 
 
+def forward_ms(session, ids: np.ndarray, repeat: int = 5) -> float:
+    """Median wall time of one forward pass over ``ids`` (after a warm-up), in ms."""
+    feeds = calib.feeds_for_inputs(calib.input_specs(session), ids)
+    out = logits_output(session)
+    session.run([out], feeds)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        session.run([out], feeds)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
 def perplexity(
     session,
     ids: np.ndarray,
