@@ -112,3 +112,32 @@ def test_a_model_without_a_kv_cache_is_refused(tmp_path):
     onnx.save(tiny_transformer(), path)
     with pytest.raises(TorqError, match="no KV-cache inputs"):
         CachedDecoder(load_session(path))
+
+
+def test_onnxruntime_genai_generates_with_the_export(float_export, w4a4_export):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed beside this onnxruntime")
+    config = json.loads((w4a4_export / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["context_length"] == 256
+
+    def genai_greedy(out, prompt: list[int], n: int) -> list[int]:
+        model = og.Model(str(out))
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.array([prompt], dtype=np.int32))
+        tokens = []
+        while not gen.is_done():
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+        return tokens
+
+    prompt = [5, 9, 14, 20, 11, 30]
+    for out in (float_export, w4a4_export):  # quantization off, and W4A4 with the torq ops
+        got = genai_greedy(out, prompt, 12)
+        decoder = CachedDecoder(load_session(out / "model.onnx"))
+        logits, cache = decoder.step(np.array(prompt), 0, decoder.empty_cache())
+        ours = []
+        while len(ours) < len(got):
+            ours.append(int(np.argmax(logits)))
+            logits, cache = decoder.step(np.array(ours[-1:]), len(prompt) + len(ours) - 1, cache)
+        assert got == ours, out.name

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
-from torq_onnx import models, plots, text
+from torq_onnx import genai, models, plots, text
 from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import (
@@ -169,14 +169,22 @@ def model_facts(model_ir: ir.Model, hf_dir: Path | None) -> dict:
     return facts
 
 
-def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer, report: dict, opts: ExportOptions) -> Path:
-    """Atomically write OUT/model.onnx, report.json, the two site plots and tokenizer/."""
+def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer, report: dict, opts: ExportOptions,
+                 hf_dir: Path | None = None) -> Path:
+    """Atomically write OUT/model.onnx, report.json, the two site plots and tokenizer/; for a
+    KV-cache decoder also genai_config.json and the tokenizer files beside model.onnx, so
+    onnxruntime-genai can load OUT as it is."""
     site = plots.choose_site(report, opts.plot_site)
     pngs = plots.site_plots(site, opts.method)
     report["plots"] = {"site": site["activation"], "layers": site["layers"], "files": sorted(pngs)}
     with tempfile.TemporaryDirectory() as tok_tmp:
         tokenizer.save_pretrained(tok_tmp)
-        return save_atomic(model_ir, Path(out_dir), {"report.json": report, **pngs, "tokenizer": Path(tok_tmp)})
+        extras: dict[str, object] = {"report.json": report, **pngs, "tokenizer": Path(tok_tmp)}
+        config = genai.genai_config(model_ir, hf_dir)
+        if config is not None:
+            extras["genai_config.json"] = config
+            extras.update({f: (Path(tok_tmp) / f).read_bytes() for f in genai.TOKENIZER_FILES if (Path(tok_tmp) / f).is_file()})
+        return save_atomic(model_ir, Path(out_dir), extras)
 
 
 def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | None = None,
@@ -197,6 +205,6 @@ def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = 
         report["model"] = model_facts(model_ir, src.tokenizer_dir)
         report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len,
                                  "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
-        return write_output(model_ir, out_dir, tokenizer, report, opts)
+        return write_output(model_ir, out_dir, tokenizer, report, opts, src.tokenizer_dir)
     finally:
         src.cleanup()
