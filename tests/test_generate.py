@@ -141,3 +141,18 @@ def test_onnxruntime_genai_generates_with_the_export(float_export, w4a4_export):
             ours.append(int(np.argmax(logits)))
             logits, cache = decoder.step(np.array(ours[-1:]), len(prompt) + len(ours) - 1, cache)
         assert got == ours, out.name
+
+
+def test_large_exports_use_external_data_and_load_back(tiny_llama_dir, tmp_path, monkeypatch):
+    """Models whose weights exceed the threshold (1 GiB; protobuf's hard limit is 2 GB) are
+    written as model.onnx + model.onnx.data; the pair loads, evaluates and generates."""
+    from torq_onnx.passes import finalize
+
+    monkeypatch.setattr(finalize, "EXTERNAL_DATA_THRESHOLD", 1 << 10)
+    out = export(tiny_llama_dir, tmp_path / "ext")
+    data = out / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > 100_000  # the weights (small tensors stay inline)
+    res = generate(out, PROMPT, SamplingOptions(max_new_tokens=6))
+    assert len(res.tokens) >= 1
+    res = CliRunner().invoke(app, ["eval", str(out), "--seq-len", "64", "--stride", "32", "--max-tokens", "200", "--quiet"])
+    assert res.exit_code == 0, res.output
