@@ -69,9 +69,14 @@ class Calibrate(InPlacePass):
     def _instrumented(self, model: ir.Model) -> bytes:
         proto = ir.serde.serialize_model(model)
         present = {o.name for o in proto.graph.output}
+        # each activation is exposed in its layers' weight dtype (a MatMul's operands share
+        # one), so float16 graphs stay float16
+        weights = model.graph.initializers
         for site in self.ctx.sites:
             if site.activation not in present:
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(site.activation, onnx.TensorProto.FLOAT, None))
+                w = weights.get(site.consumers[0].weight_name)
+                elem = int(w.dtype) if w is not None and w.dtype is not None else onnx.TensorProto.FLOAT
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(site.activation, elem, None))
         return proto.SerializeToString()
 
     def call(self, model: ir.Model) -> PassResult:

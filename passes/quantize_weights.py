@@ -26,7 +26,8 @@ class QuantizeWeights(InPlacePass):
     mode "mxfp4": store packed uint8 codes [D/2, N] + E8M0 scales [D/32, N] and insert a
     ``TorqDequantizeMXFP4`` node (ORT constant-folds it at load: 4.25 bits/weight on disk).
     mode "fake": store the quantize-dequantized float weight. mode "float": no-op.
-    Gemm weights stored transposed, and non-float32 weights, are always written as "fake".
+    float16 weights are packed too (a Cast follows the float32 dequantization); Gemm
+    weights stored transposed, and other dtypes, are written as "fake".
     Requires: sites (after FoldRotations, so the folded weight is what gets quantized);
     for GPTQ, calibration with the full second moment. Ensures: each consumer computes with
     exactly the dequantized MXFP4 data the quantizer chose (RTN without search:
@@ -81,7 +82,7 @@ class QuantizeWeights(InPlacePass):
                 n = w.shape[0] if cons.transposed else w.shape[1]
                 part = mxfp4.MXFP4Tensor(q.codes[:, col : col + n], q.scale_codes[:, col : col + n], axis=0)
                 col += n
-                if self.mode == "fake" or cons.transposed or w.dtype != np.float32:
+                if self.mode == "fake" or cons.transposed or w.dtype not in (np.float32, np.float16):
                     deq = mxfp4.dequantize(part, w.dtype)
                     w_val.const_value = ir.tensor(deq.T.copy() if cons.transposed else deq, name=w_val.name)
                     continue
@@ -89,9 +90,17 @@ class QuantizeWeights(InPlacePass):
                 s_val = add_initializer(graph, f"{w_val.name}__mxfp4_scales", np.ascontiguousarray(part.scale_codes))
                 deq = ir.node(DEQUANTIZE_WEIGHT, [p_val, s_val], domain=DOMAIN, name=f"{node.name}__dequant_w")
                 deq.outputs[0].name = f"{w_val.name}__dequantized"
-                deq.outputs[0].type, deq.outputs[0].shape = w_val.type, w_val.shape
+                deq.outputs[0].type, deq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), w_val.shape
                 graph.insert_before(node, deq)
-                node.replace_input_with(1, deq.outputs[0])
+                weight = deq.outputs[0]
+                if w.dtype != np.float32:  # float16 graph: the Cast rounds (and saturates to inf)
+                    # exactly as a float16 dequantization would
+                    cast = ir.node("Cast", [weight], attributes={"to": int(w_val.dtype)}, name=f"{node.name}__dequant_w_cast")
+                    cast.outputs[0].name = f"{w_val.name}__dequantized_{w.dtype}"
+                    cast.outputs[0].type, cast.outputs[0].shape = w_val.type, w_val.shape
+                    graph.insert_before(node, cast)
+                    weight = cast.outputs[0]
+                node.replace_input_with(1, weight)
                 if not w_val.uses():
                     graph.initializers.pop(w_val.name)
         return PassResult(model, modified=True)

@@ -156,3 +156,27 @@ def test_large_exports_use_external_data_and_load_back(tiny_llama_dir, tmp_path,
     assert len(res.tokens) >= 1
     res = CliRunner().invoke(app, ["eval", str(out), "--seq-len", "64", "--stride", "32", "--max-tokens", "200", "--quiet"])
     assert res.exit_code == 0, res.output
+
+
+def test_float16_source_keeps_its_dtype_with_packed_weights(tiny_llama_dir, tmp_path):
+    """An fp16 ONNX source (optimum's fp16 export): calibration, folding and packing work on
+    it, the graph stays float16 (weights dequantize to float32 and are cast back, once per
+    session), and its perplexity stays close to the float32 source's export."""
+    import onnx
+    from optimum.exporters.onnx import main_export
+
+    from torq_onnx import models
+
+    with models.third_party_quiet():
+        main_export(str(tiny_llama_dir), output=str(tmp_path / "fp16"), task="text-generation-with-past", opset=18,
+                    do_validation=False, no_post_process=True, device="cpu", library_name="transformers", dtype="fp16")
+    out = export(tmp_path / "fp16" / "model.onnx", tmp_path / "out16", "--tokenizer", str(tiny_llama_dir))
+    model = onnx.load(str(out / "model.onnx"))
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert sum(n.op_type == "TorqDequantizeMXFP4" for n in model.graph.node) == 14  # every linear layer packed
+    ppl = {}
+    for name, path in (("fp16", out), ("fp32", export(tiny_llama_dir, tmp_path / "out32"))):
+        res = CliRunner().invoke(app, ["eval", str(path), "--seq-len", "64", "--stride", "32", "--max-tokens", "600", "--quiet"])
+        assert res.exit_code == 0, res.output
+        ppl[name] = float(res.output.split("perplexity")[1].split()[0])
+    assert np.isfinite(ppl["fp16"]) and abs(ppl["fp16"] / ppl["fp32"] - 1) < 0.05, ppl
