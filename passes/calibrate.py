@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
@@ -66,25 +67,38 @@ class Calibrate(InPlacePass):
         if not self.ctx.sites:
             raise TorqError("Calibrate needs rotation sites: run FindLinearInputs first")
 
-    def _instrumented(self, model: ir.Model) -> bytes:
-        proto = ir.serde.serialize_model(model)
-        present = {o.name for o in proto.graph.output}
-        # each activation is exposed in its layers' weight dtype (a MatMul's operands share
-        # one), so float16 graphs stay float16
-        weights = model.graph.initializers
+    def _session(self, model: ir.Model, opts):
+        """An ORT session of ``model`` with every site's activation as an extra output.
+
+        The model goes to ORT through a temporary file with external data rather than as
+        serialized bytes, so no full in-memory proto copy of the weights is ever made (the
+        graph outputs are added for the save and removed again)."""
+        import onnxruntime as ort
+
+        values = {v.name: v for node in model.graph for v in node.outputs}
+        values.update({v.name: v for v in model.graph.inputs})
+        present = {o.name for o in model.graph.outputs}
+        added = []
         for site in self.ctx.sites:
-            if site.activation not in present:
-                w = weights.get(site.consumers[0].weight_name)
-                elem = int(w.dtype) if w is not None and w.dtype is not None else onnx.TensorProto.FLOAT
-                proto.graph.output.append(onnx.helper.make_tensor_value_info(site.activation, elem, None))
-        return proto.SerializeToString()
+            if site.activation not in present and site.activation in values:
+                added.append(values[site.activation])
+                present.add(site.activation)
+        model.graph.outputs.extend(added)
+        try:
+            with tempfile.TemporaryDirectory(prefix="torq-calib-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                ir.save(model, path, external_data="model.onnx.data")
+                return ort.InferenceSession(str(path), opts, providers=self.providers)
+        finally:
+            for _ in added:
+                model.graph.outputs.pop()
 
     def call(self, model: ir.Model) -> PassResult:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        sess = ort.InferenceSession(self._instrumented(model), opts, providers=self.providers)
+        sess = self._session(model, opts)
         names = [s.activation for s in self.ctx.sites]
         for site in self.ctx.sites:
             site.stats = SiteStats(second_moment=np.zeros((site.blocks, site.blocks)),

@@ -88,29 +88,66 @@ def third_party_quiet() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True) -> SourceModel:
-    """Export a local HF model folder to ONNX with optimum-onnx, offline. Decoders get a KV
-    cache (``past_key_values.*`` inputs, ``present.*`` outputs; an empty cache is a plain
-    full-sequence pass, which is how calibration and ``eval`` run it)."""
+_CHILD = """
+import json, sys
+from torq_onnx import models
+from torq_onnx.errors import TorqError
+try:
+    getattr(models, sys.argv[1])(*json.loads(sys.argv[2]))
+except TorqError as exc:
+    open(sys.argv[3], "w").write(str(exc))
+    sys.exit(3)
+"""
+
+
+def run_isolated(fn, *args: str | int) -> None:
+    """``fn(*args)`` (a function of this module, JSON-able arguments) in a fresh Python
+    process: torch and the model copies that HF loading and the ONNX exporter make are
+    released with the process, so they never add to the memory the passes hold. A
+    TorqError in the child is raised here with its message."""
+    import json
+    import subprocess
+    import sys
+
+    with tempfile.NamedTemporaryFile("r", suffix=".err") as err:
+        res = subprocess.run([sys.executable, "-c", _CHILD, fn.__name__, json.dumps(args), err.name])
+        if res.returncode == 3:
+            raise TorqError(Path(err.name).read_text())
+        if res.returncode != 0:
+            raise TorqError(f"the model conversion process failed (exit status {res.returncode}; killed for memory if negative)")
+
+
+def _export_hf_worker(model_dir: str, out_dir: str, task: str, opset: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from optimum.exporters.onnx import main_export
-    from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_dir)
+        with third_party_quiet():
+            main_export(model_dir, output=out_dir, task=task, opset=opset, do_validation=False, no_post_process=True,
+                        device="cpu", library_name="transformers")
+    except Exception as exc:
+        raise TorqError(f"optimum-onnx could not export {model_dir}: {exc}") from None
+
+
+def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True) -> SourceModel:
+    """Export a local HF model folder to ONNX with optimum-onnx, offline, in its own process.
+    Decoders get a KV cache (``past_key_values.*`` inputs, ``present.*`` outputs; an empty
+    cache is a plain full-sequence pass, which is how calibration and ``eval`` run it)."""
+    import json
+
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
     except Exception as exc:
         raise TorqError(f"{model_dir} is not a Hugging Face model folder: {exc}") from None
-    decoder = config.is_decoder or (getattr(config, "architectures", None) or [""])[0].endswith("CausalLM")
+    decoder = bool(config.get("is_decoder")) or (config.get("architectures") or [""])[0].endswith("CausalLM")
     task = ("text-generation-with-past" if kv_cache else "text-generation") if decoder else "feature-extraction"
     work = tempfile.TemporaryDirectory(prefix="torq-export-")
     try:
-        with third_party_quiet():
-            main_export(str(model_dir), output=work.name, task=task, opset=opset, do_validation=False, no_post_process=True,
-                        device="cpu", library_name="transformers")
-    except Exception as exc:
+        run_isolated(_export_hf_worker, str(model_dir), work.name, task, opset)
+    except BaseException:
         work.cleanup()
-        raise TorqError(f"optimum-onnx could not export {model_dir}: {exc}") from exc
+        raise
     path = Path(work.name) / "model.onnx"
     return SourceModel(path, model_dir, [work])
 
@@ -123,24 +160,33 @@ def find_tokenizer_dir(model_path: Path) -> Path | None:
     return None
 
 
-def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
-    """Dequantize a GGUF checkpoint with transformers into a float32 HF folder (model + tokenizer)."""
+def _gguf_to_hf_worker(gguf: str, out_dir: str) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf)
+    try:
+        with third_party_quiet():
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+            model.save_pretrained(out_dir)
+            tok.save_pretrained(out_dir)
+    except Exception as exc:
+        raise TorqError(f"could not read GGUF model {gguf}: {exc}") from None
+
+
+def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
+    """Dequantize a GGUF checkpoint with transformers into a float32 HF folder (model +
+    tokenizer), in its own process."""
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise TorqError(f"reading a GGUF model needs the package {needed}: pip install {needed}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     work = tempfile.TemporaryDirectory(prefix="torq-gguf-")
     try:
-        with third_party_quiet():
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
-            model.save_pretrained(work.name)
-            tok.save_pretrained(work.name)
-    except Exception as exc:
+        run_isolated(_gguf_to_hf_worker, str(gguf), work.name)
+    except BaseException:
         work.cleanup()
-        raise TorqError(f"could not read GGUF model {gguf}: {exc}") from None
+        raise
     return work
 
 
