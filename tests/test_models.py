@@ -68,3 +68,10 @@ def test_packaged_smollm2_is_a_real_language_model():
     finally:
         src.cleanup()
     assert 2 < res.perplexity < 60, res
+
+
+def test_conversion_errors_come_back_from_the_isolated_process(tmp_path):
+    """HF -> ONNX runs in its own process; its failure reaches the caller as a TorqError."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "no-such-arch"}))
+    with pytest.raises(TorqError, match="optimum-onnx could not export"):
+        models.resolve(str(tmp_path))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -105,10 +108,6 @@ def run_isolated(fn, *args: str | int) -> None:
     process: torch and the model copies that HF loading and the ONNX exporter make are
     released with the process, so they never add to the memory the passes hold. A
     TorqError in the child is raised here with its message."""
-    import json
-    import subprocess
-    import sys
-
     with tempfile.NamedTemporaryFile("r", suffix=".err") as err:
         res = subprocess.run([sys.executable, "-c", _CHILD, fn.__name__, json.dumps(args), err.name])
         if res.returncode == 3:
@@ -134,8 +133,6 @@ def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True) ->
     """Export a local HF model folder to ONNX with optimum-onnx, offline, in its own process.
     Decoders get a KV cache (``past_key_values.*`` inputs, ``present.*`` outputs; an empty
     cache is a plain full-sequence pass, which is how calibration and ``eval`` run it)."""
-    import json
-
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except Exception as exc:
