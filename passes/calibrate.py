@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
+from onnx_ir.passes import common as common_passes
 
-from torq_onnx import torq
+from torq_onnx import heap, torq
 from torq_onnx.errors import TorqError
 from torq_onnx.passes.context import ExportContext, Site, SiteStats
 
@@ -19,7 +20,7 @@ def update_stats(stats: SiteStats, acts: np.ndarray, rng: np.random.Generator, c
     """Add a batch of token activations [T, D] to running stats (exact second moment + reservoir)."""
     stats.second_moment += torq.block_gram(acts)
     if stats.gram is not None:
-        stats.gram += acts.T @ acts  # float32 GEMM per batch, float64 running sum
+        stats.gram += acts.T @ acts  # float32: a D x D moment per site is the calibration's largest memory
     stats.tokens += acts.shape[0]
     # reservoir sampling (Algorithm R), vectorized over the batch
     if stats.reservoir is None:
@@ -43,8 +44,8 @@ class Calibrate(InPlacePass):
     moment (summed over tokens and in-block positions) and a bounded reservoir of token
     activations; with ``hessian`` also the full D x D second moment (GPTQ, WUSH); memory
     does not grow with the number of calibration samples. Raises
-    TorqError on NaN/Inf activations, naming the site. The model is not modified (a
-    serialized copy with the activations as extra outputs is what runs).
+    TorqError on NaN/Inf activations, naming the site. The model is not modified (what runs
+    is a clone whose only outputs are the activations).
     """
 
     def __init__(
@@ -66,32 +67,52 @@ class Calibrate(InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if not self.ctx.sites:
             raise TorqError("Calibrate needs rotation sites: run FindLinearInputs first")
+        bf16 = [v.name for v in model.graph.initializers.values() if v.dtype == ir.DataType.BFLOAT16]
+        if bf16 and self.providers == ["CPUExecutionProvider"]:
+            raise TorqError(f"the model has bfloat16 weights ({bf16[0]}, ...), which ONNX Runtime's CPU provider cannot run for "
+                            "calibration: export the source as float32 (exact for bfloat16 weights; torq-onnx export does this for "
+                            "HF and GGUF models) or float16 (--dtype fp16)")
 
     def _session(self, model: ir.Model, opts):
-        """An ORT session of ``model`` with every site's activation as an extra output.
+        """An ORT session of ``model``'s dead-code-free clone whose outputs are the sites'
+        activations and nothing else: the LM head, the logits and the KV-cache outputs are
+        then neither computed nor held (about 0.2 GB and 5% of the time on SmolLM2-135M).
 
-        The model goes to ORT through a temporary file with external data rather than as
-        serialized bytes, so no full in-memory proto copy of the weights is ever made (the
-        graph outputs are added for the save and removed again)."""
+        The clone shares ``model``'s tensors, and no in-memory proto copy of the weights is
+        made: when they are already external tensors in one folder (a working copy,
+        :func:`torq_onnx.pipeline.load_working_copy`) ORT gets the graph as bytes and
+        memory-maps that folder's data; otherwise the model goes through a temporary file
+        with external data."""
         import onnxruntime as ort
 
-        values = {v.name: v for node in model.graph for v in node.outputs}
-        values.update({v.name: v for v in model.graph.inputs})
-        present = {o.name for o in model.graph.outputs}
-        added = []
-        for site in self.ctx.sites:
-            if site.activation not in present and site.activation in values:
-                added.append(values[site.activation])
-                present.add(site.activation)
-        model.graph.outputs.extend(added)
-        try:
-            with tempfile.TemporaryDirectory(prefix="torq-calib-") as tmp:
-                path = Path(tmp) / "model.onnx"
-                ir.save(model, path, external_data="model.onnx.data")
-                return ort.InferenceSession(str(path), opts, providers=self.providers)
-        finally:
-            for _ in added:
-                model.graph.outputs.pop()
+        probe = model.clone()
+        values = {v.name: v for node in probe.graph for v in node.outputs}
+        values.update({v.name: v for v in probe.graph.inputs})
+        probe.graph.outputs.clear()
+        probe.graph.outputs.extend({s.activation: values[s.activation] for s in self.ctx.sites}.values())
+        common_passes.RemoveUnusedNodesPass()(probe)
+        folder = self.weights_folder(probe)
+        if folder is not None:
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+            return ort.InferenceSession(ir.serde.serialize_model(probe).SerializeToString(), opts, providers=self.providers)
+        with tempfile.TemporaryDirectory(prefix="torq-calib-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            ir.save(probe, path, external_data="model.onnx.data")
+            return ort.InferenceSession(str(path), opts, providers=self.providers)
+
+    @staticmethod
+    def weights_folder(model: ir.Model, min_bytes: int = 1024) -> Path | None:
+        """The one folder all of ``model``'s weights of ``min_bytes`` or more live in as
+        external data, or None if some are in memory (or spread over several folders)."""
+        folders = set()
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes < min_bytes:
+                continue
+            if not isinstance(tensor, ir.ExternalTensor):
+                return None
+            folders.add(Path(tensor.base_dir))
+        return folders.pop() if len(folders) == 1 else None
 
     def call(self, model: ir.Model) -> PassResult:
         import onnxruntime as ort
@@ -102,15 +123,19 @@ class Calibrate(InPlacePass):
         names = [s.activation for s in self.ctx.sites]
         for site in self.ctx.sites:
             site.stats = SiteStats(second_moment=np.zeros((site.blocks, site.blocks)),
-                                   gram=np.zeros((site.d, site.d)) if self.hessian else None)
+                                   gram=np.zeros((site.d, site.d), np.float32) if self.hessian else None)
         rng = np.random.default_rng(self.seed)
         for feeds in self.progress(self.batches):
             outs = sess.run(names, feeds)
-            for site, act in zip(self.ctx.sites, outs):
-                flat = np.asarray(act, dtype=np.float32).reshape(-1, site.d)
+            for i, site in enumerate(self.ctx.sites):
+                flat = np.asarray(outs[i], dtype=np.float32).reshape(-1, site.d)
+                outs[i] = None  # each activation is freed once counted: one window's worth is never held twice
                 if not np.isfinite(flat).all():
                     raise TorqError(f"NaN/Inf in calibration activations at '{site.activation}' (input of {site.consumers[0].node_name})")
                 update_stats(site.stats, flat, rng, self.capacity)
+            del outs
+        del sess
+        heap.trim()  # the session's weights and arena go back to the OS before the solver's memory is needed
         if any(s.stats.tokens == 0 for s in self.ctx.sites):
             raise TorqError("calibration ran on no data: give at least one calibration sample")
         return PassResult(model, modified=False)

@@ -27,13 +27,13 @@ class SiteStats:
     tokens: int = 0
     reservoir: np.ndarray | None = None  # [<= capacity, D] uniform sample of token activations
     seen: int = 0
-    gram: np.ndarray | None = None  # [D, D] running sum of x x^T (only when a method needs the full moment)
+    gram: np.ndarray | None = None  # [D, D] float32 running sum of x x^T (only when a method needs the full moment)
 
     def hessian(self) -> np.ndarray:
         """``E[x x^T]`` [D, D] per token: GPTQ's Hessian and WUSH's block moments."""
         if self.gram is None:
             raise ValueError("the full second moment was not collected: calibrate with hessian=True")
-        return self.gram / max(self.tokens, 1)
+        return self.gram.astype(np.float64) / max(self.tokens, 1)
 
 
 @dataclass
@@ -79,11 +79,22 @@ def node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
     return {n.name: n for n in graph}
 
 
+def read_weight(value: ir.Value) -> np.ndarray:
+    """An initializer's array, without leaving it resident: an external (memory-mapped)
+    tensor is copied and unmapped, so reading every weight once never holds them all."""
+    tensor = value.const_value
+    if isinstance(tensor, ir.ExternalTensor):
+        array = np.array(tensor.numpy())
+        tensor.release()
+        return array
+    return tensor.numpy()
+
+
 def site_weights(graph: ir.Graph, site: Site, nodes: dict[str, ir.Node] | None = None) -> np.ndarray:
     """[D, N_total]: the weights of all the site's consumers side by side, as MatMul reads them."""
     nodes = nodes if nodes is not None else node_by_name(graph)
     mats = []
     for cons in site.consumers:
-        w = nodes[cons.node_name].inputs[1].const_value.numpy()
+        w = read_weight(nodes[cons.node_name].inputs[1])
         mats.append(w.T if cons.transposed else w)
     return np.concatenate(mats, axis=1)

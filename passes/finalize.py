@@ -49,6 +49,25 @@ class Finalize(InPlacePass):
         assert DOMAIN in model.opset_imports
 
 
+INLINE_BYTES = 256  # tensors up to this size stay inside model.onnx when the weights go to model.onnx.data
+
+
+def inline_external_tensors(model: ir.Model, max_bytes: int | None = None) -> None:
+    """Load external tensors into memory: every initializer (or those of at most ``max_bytes``)
+    and every tensor attribute, in all graphs. A saved model must not point into its
+    source's or a working copy's data file, and ``ir.save`` moves only larger initializers
+    to the new one (exporters also put Constant attributes in external data)."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and (max_bytes is None or tensor.nbytes <= max_bytes):
+                value.const_value = ir.external_data.convert_tensors_from_external([tensor])[0]
+        for node in graph:
+            for name, attr in list(node.attributes.items()):
+                if attr.type == ir.AttributeType.TENSOR and isinstance(attr.value, ir.ExternalTensor):
+                    node.attributes[name] = ir.AttrTensor(name, ir.external_data.convert_tensors_from_external([attr.value])[0])
+
+
 def check_model(proto: onnx.ModelProto) -> None:
     """ONNX checker + strict shape inference (in memory when the model is small enough)."""
     if proto.ByteSize() < (2 << 30) - (1 << 20):
@@ -65,12 +84,14 @@ def save_atomic(model: ir.Model, out_dir: Path, extras: dict[str, object] | None
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        proto = ir.serde.serialize_model(model)
-        check_model(proto)
-        size = sum(t.ByteSize() for t in proto.graph.initializer)
-        if size > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(proto, tmp / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data")
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        if size > EXTERNAL_DATA_THRESHOLD:  # streamed tensor by tensor, weights the export kept on disk included
+            inline_external_tensors(model, max_bytes=INLINE_BYTES)
+            ir.save(model, tmp / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=INLINE_BYTES)
         else:
+            inline_external_tensors(model)  # weights still memory-mapped from a working copy go inline
+            proto = ir.serde.serialize_model(model)
+            check_model(proto)
             onnx.save_model(proto, tmp / "model.onnx")
         for name, obj in (extras or {}).items():
             if isinstance(obj, Path):

@@ -7,7 +7,7 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx.errors import TorqError
-from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name
+from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name, read_weight
 
 
 class FoldRotations(InPlacePass):
@@ -36,7 +36,7 @@ class FoldRotations(InPlacePass):
             for cons in site.consumers:
                 node = nodes[cons.node_name]
                 w_val = node.inputs[1]
-                w = w_val.const_value.numpy()
+                w = read_weight(w_val)
                 w64 = w.astype(np.float64).T if cons.transposed else w.astype(np.float64)
                 folded = rot.fold(w64)
                 folded = (folded.T if cons.transposed else folded).astype(w.dtype)

@@ -8,7 +8,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx import mxfp4, weights
 from torq_onnx.errors import TorqError
-from torq_onnx.passes.context import ExportContext, Site, add_initializer, node_by_name, site_weights
+from torq_onnx.passes.context import ExportContext, Site, add_initializer, node_by_name, read_weight, site_weights
 from torq_onnx.runtime_ops import DEQUANTIZE_WEIGHT, DOMAIN
 
 WEIGHT_MODES = ("mxfp4", "fake", "float")
@@ -78,7 +78,7 @@ class QuantizeWeights(InPlacePass):
             for cons in site.consumers:
                 node = nodes[cons.node_name]
                 w_val = node.inputs[1]
-                w = w_val.const_value.numpy()
+                w = read_weight(w_val)
                 n = w.shape[0] if cons.transposed else w.shape[1]
                 part = mxfp4.MXFP4Tensor(q.codes[:, col : col + n], q.scale_codes[:, col : col + n], axis=0)
                 col += n

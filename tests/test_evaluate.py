@@ -121,13 +121,15 @@ def test_export_writes_plots_next_to_report(exported):
     [
         (["/nonexistent/model.onnx"], "no ONNX model at"),
         (["__MODEL__", "--stride", "64"], "--stride must be"),
+        (["/nonexistent/model.onnx", "--stride", "64"], "--stride must be"),  # options are checked before anything is read
+        (["/nonexistent/model.onnx", "--max-tokens", "1"], "--max-tokens must be"),
         (["__MODEL__", "--text", "/nonexistent.txt"], "text file not found"),
     ],
 )
 def test_eval_cli_bad_input(exported, args, message):
     _, outs = exported
     args = [str(outs["w4a4"]) if a == "__MODEL__" else a for a in args]
-    res = CliRunner().invoke(app, ["eval", *args, "--seq-len", "64"])
+    res = CliRunner().invoke(app, ["eval", "--seq-len", "64", "--stride", "32", *args])  # a later option wins
     assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
 
 

@@ -22,12 +22,14 @@ import argparse
 import json
 import platform
 import re
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from torq_onnx import calibration as calib
 from torq_onnx import evaluate, models, pipeline
 from torq_onnx.atomic import write_text_atomic
 from torq_onnx.runtime_ops import load_session
@@ -150,9 +152,9 @@ def variants_from(args, methods: list[str]) -> list[tuple[str, str, dict]]:
 def run_seed(args, src, tokenizer, scorer, seed: int | None, variants, modes) -> tuple[list[dict], float, int]:
     """Calibrate once (windows drawn by ``seed``), then export and score every variant x mode."""
     opts = pipeline.ExportOptions(calib_samples=args.calib_samples, seq_len=args.seq_len, calib_sample_seed=seed,
-                                  collect_hessian=True)  # one calibration serves GPTQ and WUSH rows too
+                                  collect_hessian=True, reservoir_tokens=2048)  # one calibration serves every method
     base = pipeline.load_ir(src.onnx_path)
-    batches = pipeline.calibration_windows(base, tokenizer, args.text, opts)
+    batches = pipeline.calibration_windows(base, calib.tokenize(tokenizer, pipeline.calibration_text(args.text)), opts)
     t1 = time.perf_counter()
     calibrated = pipeline.calibrate(base, batches, opts, len(batches))
     t_calib = time.perf_counter() - t1
@@ -170,7 +172,7 @@ def run_seed(args, src, tokenizer, scorer, seed: int | None, variants, modes) ->
             ctx = calibrated.calibrated_copy()
             pipeline.transform(model_ir, ctx, o)
             report = pipeline.build_report(ctx, o, {"calibration_shared": t_calib}, args.model)
-            out = pipeline.write_output(model_ir, args.out / f"{name}-{mode}-s{seed}", tokenizer, report, o)
+            out = pipeline.write_output(model_ir, args.out / f"{name}-{mode}-s{seed}", args.tokenizer_files, report, o)
             t_export = time.perf_counter() - t2
             del model_ir
             metrics = scorer(out)
@@ -239,15 +241,18 @@ def main() -> None:
     t_hf = time.perf_counter() - t0
     rows = []
     try:
-        tokenizer = models.load_tokenizer(src.tokenizer_dir)
-        scorer = scorer_for(src.onnx_path, tokenizer, args)
-        float_row = {**scorer(src.onnx_path), "export_s": t_hf, "size_mb": src.onnx_path.stat().st_size / 2**20}
-        print("float: " + " ".join(f"{k} {float_row[k]:{f}}" for k, f in zip(scorer.keys, scorer.formats)), flush=True)
-        calib_s = []
-        for seed in seeds:
-            seed_rows, t_calib, n_windows = run_seed(args, src, tokenizer, scorer, seed, variants, modes)
-            rows += seed_rows
-            calib_s.append(t_calib)
+        with tempfile.TemporaryDirectory(prefix="torq-compare-") as tok_files:
+            tokenizer = models.load_tokenizer(src.tokenizer_dir)
+            tokenizer.save_pretrained(tok_files)
+            args.tokenizer_files = Path(tok_files)
+            scorer = scorer_for(src.onnx_path, tokenizer, args)
+            float_row = {**scorer(src.onnx_path), "export_s": t_hf, "size_mb": src.onnx_path.stat().st_size / 2**20}
+            print("float: " + " ".join(f"{k} {float_row[k]:{f}}" for k, f in zip(scorer.keys, scorer.formats)), flush=True)
+            calib_s = []
+            for seed in seeds:
+                seed_rows, t_calib, n_windows = run_seed(args, src, tokenizer, scorer, seed, variants, modes)
+                rows += seed_rows
+                calib_s.append(t_calib)
     finally:
         src.cleanup()
 

@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from torq_onnx import calibration as calib
 from torq_onnx import models, output_error, pipeline, torq
 from torq_onnx.passes import NameNodes
 from torq_onnx.passes.calibrate import site_covariance
@@ -55,9 +56,10 @@ def main() -> None:
     src = models.resolve(args.model)
     try:
         tokenizer = models.load_tokenizer(src.tokenizer_dir)
-        opts = pipeline.ExportOptions(calib_samples=args.calib_samples, progress=False, collect_hessian=True)
+        opts = pipeline.ExportOptions(calib_samples=args.calib_samples, progress=False, collect_hessian=True, reservoir_tokens=2048)
         model = pipeline.load_ir(src.onnx_path)
-        ctx = pipeline.calibrate(model, pipeline.calibration_windows(model, tokenizer, None, opts), opts)
+        ids = calib.tokenize(tokenizer, pipeline.calibration_text(None))
+        ctx = pipeline.calibrate(model, pipeline.calibration_windows(model, ids, opts), opts)
         NameNodes()(model)
         nodes = node_by_name(model.graph)
         errors: dict[tuple[str, str], list[float]] = defaultdict(list)  # (mode, variant), all sites

@@ -18,6 +18,7 @@ from torq_onnx.errors import TorqError
 Method = Enum("Method", {m.replace("-", "_"): m for m in ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")}, type=str)
 WeightRounding = Enum("WeightRounding", {"rtn": "rtn", "gptq": "gptq"}, type=str)
 ScaleRule = Enum("ScaleRule", {"floor": "floor", "even": "even", "rceil": "rceil"}, type=str)
+SourceDtype = Enum("SourceDtype", {"fp32": "fp32", "fp16": "fp16"}, type=str)
 WeightMode = Enum("WeightMode", {"mxfp4": "mxfp4", "fake": "fake", "float": "float"}, type=str)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")
@@ -47,6 +48,9 @@ def export(
     scale_rule: ScaleRule = typer.Option("floor", help="MX scale rule: floor (OCP) | even | rceil"),
     text: Optional[str] = typer.Option(None, help="Calibration text file (default: built-in English corpus)"),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer folder for a bare .onnx model"),
+    dtype: Optional[SourceDtype] = typer.Option(None, help="Graph dtype for an HF or GGUF source: fp32 (default; exact for "
+                                                "bfloat16 checkpoints) | fp16. ONNX Runtime's CPU provider has no bfloat16 "
+                                                "kernels; an ONNX source keeps its dtype"),
     plot_site: Optional[str] = typer.Option(None, help="Site to plot (activation/layer name or index; default: most uneven blocks)"),
     output_guard: bool = typer.Option(False, help="torq: per site, keep whichever of torq / torq-no-inter / torq-no-intra / brq "
                                       "has the lowest layer-output error on the calibration tokens"),
@@ -73,7 +77,7 @@ def export(
                              weight_rounding=weight_rounding.value, scale_search=scale_search, act_order=act_order,
                              plot_site=plot_site, output_guard=output_guard,
                              solver_options={"inter_min_spread": inter_min_spread, "intra_refine": intra_refine})
-        path = run_export(model, out, opts, text_path=text, tokenizer_dir=tokenizer)
+        path = run_export(model, out, opts, text_path=text, tokenizer_dir=tokenizer, dtype=dtype.value if dtype else None)
     except (TorqError, ValueError) as exc:
         _fail(exc)
     report = json.loads((path.parent / "report.json").read_text())

@@ -25,13 +25,20 @@ class Window:
     scored: int
 
 
-def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
-    """HF-style strided windows: every token after the first is scored exactly once, each
-    with at least ``seq_len - stride`` tokens of context (except in the first window)."""
+def check_window_options(seq_len: int, stride: int, max_tokens: int | None = None) -> None:
+    """Refuse window options that cannot work, before any model is loaded."""
     if seq_len < 2:
         raise TorqError(f"--seq-len must be at least 2, got {seq_len}")
     if not 0 < stride < seq_len:  # windows must overlap by >= 1 token: a target needs its context
         raise TorqError(f"--stride must be in 1..{seq_len - 1} (below --seq-len), got {stride}")
+    if max_tokens is not None and max_tokens < 2:
+        raise TorqError(f"--max-tokens must be at least 2 (perplexity needs a token and its context), got {max_tokens}")
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """HF-style strided windows: every token after the first is scored exactly once, each
+    with at least ``seq_len - stride`` tokens of context (except in the first window)."""
+    check_window_options(seq_len, stride)
     if n_tokens < 2:
         raise TorqError(f"evaluation text has {n_tokens} tokens; perplexity needs at least 2")
     windows, prev_end, begin = [], 1, 0  # token 0 has no context: never scored
@@ -192,6 +199,7 @@ def evaluate_model(
     source), also KL divergence from the reference and top-1 agreement with it."""
     from torq_onnx.runtime_ops import load_session
 
+    check_window_options(seq_len, stride, max_tokens)
     path = Path(model_path)
     if path.is_dir():
         path = path / "model.onnx"

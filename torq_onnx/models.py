@@ -116,7 +116,10 @@ def run_isolated(fn, *args: str | int) -> None:
             raise TorqError(f"the model conversion process failed (exit status {res.returncode}; killed for memory if negative)")
 
 
-def _export_hf_worker(model_dir: str, out_dir: str, task: str, opset: int) -> None:
+SOURCE_DTYPES = ("fp32", "fp16")  # graph dtypes of HF/GGUF exports; ORT's CPU provider has no bfloat16 kernels
+
+
+def _export_hf_worker(model_dir: str, out_dir: str, task: str, opset: int, dtype: str = "fp32") -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from optimum.exporters.onnx import main_export
@@ -124,15 +127,20 @@ def _export_hf_worker(model_dir: str, out_dir: str, task: str, opset: int) -> No
     try:
         with third_party_quiet():
             main_export(model_dir, output=out_dir, task=task, opset=opset, do_validation=False, no_post_process=True,
-                        device="cpu", library_name="transformers")
+                        device="cpu", library_name="transformers", dtype=dtype)
     except Exception as exc:
         raise TorqError(f"optimum-onnx could not export {model_dir}: {exc}") from None
 
 
-def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True) -> SourceModel:
+def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True, dtype: str = "fp32") -> SourceModel:
     """Export a local HF model folder to ONNX with optimum-onnx, offline, in its own process.
     Decoders get a KV cache (``past_key_values.*`` inputs, ``present.*`` outputs; an empty
-    cache is a plain full-sequence pass, which is how calibration and ``eval`` run it)."""
+    cache is a plain full-sequence pass, which is how calibration and ``eval`` run it).
+    ``dtype`` is the graph's float type whatever the checkpoint's: a bfloat16 checkpoint
+    becomes an exact float32 graph by default."""
+    if dtype not in SOURCE_DTYPES:
+        raise TorqError(f"unsupported export dtype {dtype!r}: choose {' or '.join(SOURCE_DTYPES)} "
+                        "(ONNX Runtime's CPU provider, which calibrates the model, has no bfloat16 kernels)")
     try:
         config = json.loads((model_dir / "config.json").read_text())
     except Exception as exc:
@@ -141,7 +149,7 @@ def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True) ->
     task = ("text-generation-with-past" if kv_cache else "text-generation") if decoder else "feature-extraction"
     work = tempfile.TemporaryDirectory(prefix="torq-export-")
     try:
-        run_isolated(_export_hf_worker, str(model_dir), work.name, task, opset)
+        run_isolated(_export_hf_worker, str(model_dir), work.name, task, opset, dtype)
     except BaseException:
         work.cleanup()
         raise
@@ -187,9 +195,10 @@ def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
     return work
 
 
-def resolve(model: str | None) -> SourceModel:
-    """MODEL argument -> an ONNX file (exporting HF folders and GGUF files); None means the
-    embedded default. MODEL may also name a packaged model (``PACKAGED``)."""
+def resolve(model: str | None, dtype: str | None = None) -> SourceModel:
+    """MODEL argument -> an ONNX file (exporting HF folders and GGUF files, as ``dtype``,
+    default fp32); None means the embedded default. MODEL may also name a packaged model
+    (``PACKAGED``). An ONNX model keeps its own dtype."""
     if model is None or model in PACKAGED:
         model = str(PACKAGED[model or DEFAULT_MODEL].path())
     p = Path(model)
@@ -200,18 +209,49 @@ def resolve(model: str | None) -> SourceModel:
         )
     if p.is_dir():
         if (p / "config.json").is_file():
-            return export_hf(p)
+            return export_hf(p, dtype=dtype or "fp32")
         if (p / "model.onnx").is_file():
             p = p / "model.onnx"
         else:
             raise TorqError(f"{p} is a folder with neither config.json (HF model) nor model.onnx")
     if p.suffix == ".gguf":
         hf = gguf_to_hf(p)
-        src = export_hf(Path(hf.name))
+        try:
+            src = export_hf(Path(hf.name), dtype=dtype or "fp32")
+        except BaseException:
+            hf.cleanup()
+            raise
         src.keepalive.append(hf)
         return src
+    if dtype is not None:
+        raise TorqError(f"--dtype applies to HF and GGUF sources; the ONNX model {p} keeps its own dtype")
     check_onnx_file(p)
     return SourceModel(p, find_tokenizer_dir(p))
+
+
+def _tokenize_worker(tokenizer_dir: str, text_file: str, ids_file: str, save_dir: str) -> None:
+    import numpy as np
+
+    from torq_onnx import calibration
+
+    tokenizer = load_tokenizer(Path(tokenizer_dir))
+    np.save(ids_file, calibration.tokenize(tokenizer, Path(text_file).read_text(encoding="utf-8")))
+    tokenizer.save_pretrained(save_dir)
+
+
+def tokenize_isolated(tokenizer_dir: Path | None, text: str, save_dir: Path):
+    """Token ids of ``text`` (no special tokens), and the tokenizer saved to ``save_dir``,
+    both made in a fresh Python process: transformers imports torch (~320 MB resident),
+    which the export's own process then never holds."""
+    import numpy as np
+
+    if tokenizer_dir is None:
+        raise TorqError("no tokenizer found next to the model: pass --tokenizer DIR (a folder with tokenizer files)")
+    with tempfile.TemporaryDirectory(prefix="torq-tok-") as work:
+        text_file, ids_file = Path(work) / "text.txt", Path(work) / "ids.npy"
+        text_file.write_text(text, encoding="utf-8")
+        run_isolated(_tokenize_worker, str(tokenizer_dir), str(text_file), str(ids_file), str(save_dir))
+        return np.load(ids_file)
 
 
 def load_tokenizer(tokenizer_dir: Path | None):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
-from torq_onnx import genai, models, plots, text
+from torq_onnx import genai, heap, models, plots, text
 from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import (
@@ -43,7 +43,7 @@ class ExportOptions:
     quantize_activations: bool = True
     scale_rule: mxfp4.ScaleRule = "floor"
     include_lm_head: bool = False
-    reservoir_tokens: int = 2048
+    reservoir_tokens: int | None = None  # per-site token sample; None: 2048 where the solver fits it, else 512 (report only)
     seed: int = 0
     progress: bool = True
     plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
@@ -55,6 +55,13 @@ class ExportOptions:
     act_order: bool = True  # gptq: sweep MX blocks by input energy
 
     collect_hessian: bool = False  # collect the full input moments even if this export does not need them
+
+    def reservoir_capacity(self) -> int:
+        """Tokens kept per site: torq fits its intra-block rotation on them; the other methods
+        only report statistics on them, and 512 tokens x D values is plenty for that."""
+        if self.reservoir_tokens is not None:
+            return self.reservoir_tokens
+        return 2048 if self.method in torq.FITS_ON_SAMPLES else 512
 
     def needs_hessian(self) -> bool:
         """Whether calibration must collect each site's full D x D input moment."""
@@ -87,7 +94,7 @@ def calibrate(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: E
         model,
         NameNodes(),
         FindLinearInputs(ctx, include_lm_head=opts.include_lm_head),
-        Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_tokens, seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches),
+        Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_capacity(), seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches),
                   hessian=opts.needs_hessian()),
     )
     return ctx
@@ -149,10 +156,32 @@ def load_ir(path: Path) -> ir.Model:
         raise TorqError(f"could not read ONNX model {path}: {exc}") from None
 
 
-def calibration_windows(model_ir: ir.Model, tokenizer, text_path: str | None, opts: ExportOptions) -> list[dict[str, np.ndarray]]:
-    """Feed dicts of ``opts.calib_samples`` windows from the calibration part of the text."""
-    calib_text, _ = text.split_corpus(text.load_text(text_path))
-    ids = calib.tokenize(tokenizer, calib_text)
+WORKING_WEIGHTS = "weights.data"
+
+
+def load_working_copy(path: Path, work_dir: Path) -> ir.Model:
+    """``path`` loaded with its weights as memory-mapped external data in ``work_dir`` (or
+    where they already are, for a model saved with all its weights external).
+
+    The passes then hold one layer's weights at a time, and the calibration session maps
+    the same file, so the export never keeps a second in-memory copy of the model."""
+    model = load_ir(path)
+    if Calibrate.weights_folder(model) is not None:
+        return model
+    ir.external_data.unload_from_model(model, work_dir, WORKING_WEIGHTS, size_threshold_bytes=1024, alignment=4096)
+    ir.save(model, work_dir / "model.onnx")
+    del model  # frees the source proto, which the in-memory tensors pinned
+    heap.trim()
+    return load_ir(work_dir / "model.onnx")
+
+
+def calibration_text(text_path: str | None) -> str:
+    """The calibration part of the text (the rest is held out for ``eval``)."""
+    return text.split_corpus(text.load_text(text_path))[0]
+
+
+def calibration_windows(model_ir: ir.Model, ids: np.ndarray, opts: ExportOptions) -> list[dict[str, np.ndarray]]:
+    """Feed dicts of ``opts.calib_samples`` windows of the calibration token ids."""
     specs = calib.input_specs(model_ir)
     return [calib.feeds_for_inputs(specs, w) for w in calib.token_windows(ids, opts.seq_len, opts.calib_samples, opts.calib_sample_seed)]
 
@@ -169,42 +198,46 @@ def model_facts(model_ir: ir.Model, hf_dir: Path | None) -> dict:
     return facts
 
 
-def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer, report: dict, opts: ExportOptions,
+def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path, report: dict, opts: ExportOptions,
                  hf_dir: Path | None = None) -> Path:
-    """Atomically write OUT/model.onnx, report.json, the two site plots and tokenizer/; for a
-    KV-cache decoder also genai_config.json and the tokenizer files beside model.onnx, so
-    onnxruntime-genai can load OUT as it is."""
+    """Atomically write OUT/model.onnx, report.json, the two site plots and tokenizer/ (a copy
+    of ``tokenizer_files``, a saved tokenizer); for a KV-cache decoder also genai_config.json
+    and the tokenizer files beside model.onnx, so onnxruntime-genai can load OUT as it is."""
     site = plots.choose_site(report, opts.plot_site)
     pngs = plots.site_plots(site, opts.method)
     report["plots"] = {"site": site["activation"], "layers": site["layers"], "files": sorted(pngs)}
-    with tempfile.TemporaryDirectory() as tok_tmp:
-        tokenizer.save_pretrained(tok_tmp)
-        extras: dict[str, object] = {"report.json": report, **pngs, "tokenizer": Path(tok_tmp)}
-        config = genai.genai_config(model_ir, hf_dir)
-        if config is not None:
-            extras["genai_config.json"] = config
-            extras.update({f: (Path(tok_tmp) / f).read_bytes() for f in genai.TOKENIZER_FILES if (Path(tok_tmp) / f).is_file()})
-        return save_atomic(model_ir, Path(out_dir), extras)
+    extras: dict[str, object] = {"report.json": report, **pngs, "tokenizer": tokenizer_files}
+    config = genai.genai_config(model_ir, hf_dir)
+    if config is not None:
+        extras["genai_config.json"] = config
+        extras.update({f: (tokenizer_files / f).read_bytes() for f in genai.TOKENIZER_FILES if (tokenizer_files / f).is_file()})
+    return save_atomic(model_ir, Path(out_dir), extras)
 
 
 def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | None = None,
-           tokenizer_dir: str | None = None) -> Path:
-    """``torq-onnx export``: MODEL (.onnx, .gguf, HF folder, packaged name, or None for the default) -> OUT_DIR."""
+           tokenizer_dir: str | None = None, dtype: str | None = None) -> Path:
+    """``torq-onnx export``: MODEL (.onnx, .gguf, HF folder, packaged name, or None for the
+    default) -> OUT_DIR. ``dtype`` (fp32 | fp16) is the graph dtype of an HF or GGUF source."""
     opts = opts or ExportOptions()
     t0 = time.perf_counter()
-    src = models.resolve(model)
+    src = models.resolve(model, dtype)
     try:
-        t_export = time.perf_counter() - t0
-        tokenizer = models.load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir)
-        model_ir = load_ir(src.onnx_path)
-        batches = calibration_windows(model_ir, tokenizer, text_path, opts)
-        t1 = time.perf_counter()
-        ctx = rewrite(model_ir, batches, opts, n_batches=len(batches))
-        timings = {"hf_to_onnx": t_export, "passes": time.perf_counter() - t1, "total_before_save": time.perf_counter() - t0}
-        report = build_report(ctx, opts, timings, model or f"{models.DEFAULT_MODEL} (default)")
-        report["model"] = model_facts(model_ir, src.tokenizer_dir)
-        report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len,
-                                 "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
-        return write_output(model_ir, out_dir, tokenizer, report, opts, src.tokenizer_dir)
+        with tempfile.TemporaryDirectory(prefix="torq-work-") as work:
+            t_export = time.perf_counter() - t0
+            tokenizer_files = Path(work) / "tokenizer"
+            ids = models.tokenize_isolated(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir, calibration_text(text_path), tokenizer_files)
+            model_ir = load_working_copy(src.onnx_path, Path(work))
+            batches = calibration_windows(model_ir, ids, opts)
+            t1 = time.perf_counter()
+            ctx = rewrite(model_ir, batches, opts, n_batches=len(batches))
+            timings = {"hf_to_onnx": t_export, "passes": time.perf_counter() - t1, "total_before_save": time.perf_counter() - t0}
+            report = build_report(ctx, opts, timings, model or f"{models.DEFAULT_MODEL} (default)")
+            for site in ctx.sites:  # the calibration statistics are in the report: free them before the save
+                site.stats = None
+            heap.trim()
+            report["model"] = model_facts(model_ir, src.tokenizer_dir)
+            report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len,
+                                     "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
+            return write_output(model_ir, out_dir, tokenizer_files, report, opts, src.tokenizer_dir)
     finally:
         src.cleanup()

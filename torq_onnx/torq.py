@@ -434,6 +434,7 @@ def solve_intra_block(
 # ---------------------------------------------------------------- methods
 METHODS = ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")
 NEEDS_HESSIAN = ("wush", "torq-wush")  # methods that read the full D x D input moment and the weights
+FITS_ON_SAMPLES = ("torq",)  # methods whose solver fits token activations (the others only report on them)
 
 
 @dataclass
