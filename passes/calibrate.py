@@ -13,7 +13,7 @@ from onnx_ir.passes import common as common_passes
 
 from torq_onnx import heap, torq
 from torq_onnx.errors import TorqError
-from torq_onnx.passes.context import ExportContext, Site, SiteStats
+from torq_onnx.passes.context import EXTERNAL_MIN_BYTES, ExportContext, Site, SiteStats
 
 
 def update_stats(stats: SiteStats, acts: np.ndarray, rng: np.random.Generator, capacity: int) -> None:
@@ -101,7 +101,7 @@ class Calibrate(InPlacePass):
             return ort.InferenceSession(str(path), opts, providers=self.providers)
 
     @staticmethod
-    def weights_folder(model: ir.Model, min_bytes: int = 1024) -> Path | None:
+    def weights_folder(model: ir.Model, min_bytes: int = EXTERNAL_MIN_BYTES) -> Path | None:
         """The one folder all of ``model``'s weights of ``min_bytes`` or more live in as
         external data, or None if some are in memory (or spread over several folders)."""
         folders = set()

@@ -79,6 +79,9 @@ def node_by_name(graph: ir.Graph) -> dict[str, ir.Node]:
     return {n.name: n for n in graph}
 
 
+EXTERNAL_MIN_BYTES = 1024  # a working copy keeps initializers of this size or more as external data
+
+
 def read_weight(value: ir.Value) -> np.ndarray:
     """An initializer's array, without leaving it resident: an external (memory-mapped)
     tensor is copied and unmapped, so reading every weight once never holds them all."""

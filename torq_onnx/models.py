@@ -245,8 +245,7 @@ def tokenize_isolated(tokenizer_dir: Path | None, text: str, save_dir: Path):
     which the export's own process then never holds."""
     import numpy as np
 
-    if tokenizer_dir is None:
-        raise TorqError("no tokenizer found next to the model: pass --tokenizer DIR (a folder with tokenizer files)")
+    tokenizer_dir = require_tokenizer_dir(tokenizer_dir)
     with tempfile.TemporaryDirectory(prefix="torq-tok-") as work:
         text_file, ids_file = Path(work) / "text.txt", Path(work) / "ids.npy"
         text_file.write_text(text, encoding="utf-8")
@@ -254,9 +253,15 @@ def tokenize_isolated(tokenizer_dir: Path | None, text: str, save_dir: Path):
         return np.load(ids_file)
 
 
-def load_tokenizer(tokenizer_dir: Path | None):
+def require_tokenizer_dir(tokenizer_dir: Path | None) -> Path:
+    """``tokenizer_dir``, or the error a model without a tokenizer gets."""
     if tokenizer_dir is None:
         raise TorqError("no tokenizer found next to the model: pass --tokenizer DIR (a folder with tokenizer files)")
+    return tokenizer_dir
+
+
+def load_tokenizer(tokenizer_dir: Path | None):
+    tokenizer_dir = require_tokenizer_dir(tokenizer_dir)
     from transformers import AutoTokenizer
 
     try:

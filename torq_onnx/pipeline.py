@@ -32,6 +32,7 @@ from torq_onnx.passes import (
     SolveRotations,
     save_atomic,
 )
+from torq_onnx.passes.context import EXTERNAL_MIN_BYTES
 
 
 @dataclass
@@ -168,7 +169,7 @@ def load_working_copy(path: Path, work_dir: Path) -> ir.Model:
     model = load_ir(path)
     if Calibrate.weights_folder(model) is not None:
         return model
-    ir.external_data.unload_from_model(model, work_dir, WORKING_WEIGHTS, size_threshold_bytes=1024, alignment=4096)
+    ir.external_data.unload_from_model(model, work_dir, WORKING_WEIGHTS, size_threshold_bytes=EXTERNAL_MIN_BYTES, alignment=4096)
     ir.save(model, work_dir / "model.onnx")
     del model  # frees the source proto, which the in-memory tensors pinned
     heap.trim()
