@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,48 @@ import numpy as np
 from torq_onnx.runtime_ops.functions import bump_threshold
 
 _KERNEL_SRC = Path(__file__).with_name("mxfp4_quant.cu")
-WARPS_PER_CTA = 8
-ROWS_PER_CTA = 128  # torq_block_rotate_quant's __launch_bounds__
+WARPS_PER_CTA = 8  # mxfp4_fake_quant: one block per warp
 MAX_GRID_Y = 65535
+
+
+@dataclass(frozen=True)
+class RotateKernel:
+    """A kernel of the fused op and the launch shape its source assumes."""
+
+    name: str
+    threads: int  # per CTA (the kernel's __launch_bounds__)
+    blocks_per_cta: int  # MX blocks one CTA covers: grid.x = ceil(n_blocks / blocks_per_cta)
+    rows_per_cta: int  # rows one CTA covers: grid.y = ceil(rows / rows_per_cta)
+
+
+ROTATE_KERNELS = {
+    # a thread per (row, block); verified bit-exact on an H100
+    "thread": RotateKernel("torq_block_rotate_quant", 128, 1, 128),
+    # a warp per (row, block), coalesced; verified on the host emulator only (tests/simt)
+    "warp": RotateKernel("torq_block_rotate_quant_warp", 256, 8, 128),  # TORQ_W_WARPS, TORQ_W_ROWS
+}
+DEFAULT_ROTATE_KERNEL = "thread"
+
+
+def rotate_kernel(name: str) -> RotateKernel:
+    """The :data:`ROTATE_KERNELS` entry called ``name``, or a ValueError naming the choices."""
+    if name not in ROTATE_KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; choose from {sorted(ROTATE_KERNELS)}")
+    return ROTATE_KERNELS[name]
+
+
+def fake_quant_grid(n_blocks: int) -> tuple[tuple[int], tuple[int]]:
+    """(grid, block) of mxfp4_fake_quant for n_blocks blocks of 32."""
+    return ((n_blocks + WARPS_PER_CTA - 1) // WARPS_PER_CTA,), (32 * WARPS_PER_CTA,)
+
+
+def rotate_launches(kernel: RotateKernel, rows: int, n_blocks: int) -> list[tuple[int, int, tuple[int, int]]]:
+    """(first row, row count, grid) of each launch over ``rows`` rows: grid.y (row tiles) is
+    limited to 65535, so very long inputs take several launches."""
+    chunk = MAX_GRID_Y * kernel.rows_per_cta
+    grid_x = (n_blocks + kernel.blocks_per_cta - 1) // kernel.blocks_per_cta
+    return [(r0, min(chunk, rows - r0), (grid_x, (min(chunk, rows - r0) + kernel.rows_per_cta - 1) // kernel.rows_per_cta))
+            for r0 in range(0, rows, chunk)]
 
 
 def available() -> bool:
@@ -74,15 +114,15 @@ def fake_quant_rows(z, scale_rule: str = "floor"):
         raise ValueError(f"last axis {z.shape[-1]} is not a multiple of 32")
     y = cp.empty_like(z)
     n_blocks = z.size // 32
-    grid = ((n_blocks + WARPS_PER_CTA - 1) // WARPS_PER_CTA,)
-    _kernel()(grid, (32 * WARPS_PER_CTA,), (z, y, np.int64(n_blocks), np.float32(bump_threshold(scale_rule))))
+    _kernel()(*fake_quant_grid(n_blocks), (z, y, np.int64(n_blocks), np.float32(bump_threshold(scale_rule))))
     return y
 
 
-def block_rotate_quantize(x, r_intra, scale_rule: str = "floor", rotated_out=None):
+def block_rotate_quantize(x, r_intra, scale_rule: str = "floor", rotated_out=None, kernel: str = DEFAULT_ROTATE_KERNEL):
     """``MXFP4(blocks(x) @ R_intra)`` in one kernel; x: contiguous float32 CuPy [..., D],
     r_intra: float32 CuPy [32, 32] (shared) or [D/32, 32, 32] (per block). ``rotated_out``
-    (a float32 CuPy array like x) also receives the rotated values before quantization."""
+    (a float32 CuPy array like x) also receives the rotated values before quantization.
+    ``kernel``: a key of :data:`ROTATE_KERNELS` (both give bit-identical results)."""
     import cupy as cp
 
     if x.dtype != cp.float32 or not x.flags.c_contiguous or x.shape[-1] % 32:
@@ -90,17 +130,15 @@ def block_rotate_quantize(x, r_intra, scale_rule: str = "floor", rotated_out=Non
     n_blocks = x.shape[-1] // 32
     if r_intra.shape not in ((32, 32), (n_blocks, 32, 32)) or r_intra.dtype != cp.float32 or not r_intra.flags.c_contiguous:
         raise ValueError(f"r_intra must be contiguous float32 [32, 32] or [{n_blocks}, 32, 32], got {r_intra.dtype} {r_intra.shape}")
+    spec = rotate_kernel(kernel)
     y = cp.empty_like(x)
     rows = x.size // x.shape[-1]
-    kernel, bump = _kernel("torq_block_rotate_quant"), np.float32(bump_threshold(scale_rule))
+    fn, bump = _kernel(spec.name), np.float32(bump_threshold(scale_rule))
     x2, y2 = x.reshape(rows, -1), y.reshape(rows, -1)
     z2 = rotated_out.reshape(rows, -1) if rotated_out is not None else None
-    chunk = MAX_GRID_Y * ROWS_PER_CTA  # grid.y (row tiles) is limited to 65535
-    for r0 in range(0, rows, chunk):
-        n = min(chunk, rows - r0)
-        grid = (n_blocks, (n + ROWS_PER_CTA - 1) // ROWS_PER_CTA)
-        kernel(grid, (ROWS_PER_CTA,), (x2[r0:], r_intra, y2[r0:], z2[r0:] if z2 is not None else 0, np.int64(n),
-                                       np.int32(n_blocks), np.int64(1024 if r_intra.ndim == 3 else 0), bump))
+    for r0, n, grid in rotate_launches(spec, rows, n_blocks):
+        fn(grid, (spec.threads,), (x2[r0:], r_intra, y2[r0:], z2[r0:] if z2 is not None else 0, np.int64(n),
+                                   np.int32(n_blocks), np.int64(1024 if r_intra.ndim == 3 else 0), bump))
     return y
 
 
@@ -108,13 +146,16 @@ class RotateQuantizer:
     """One TorqRotateQuantize op with its matrices on the GPU: ``y = MXFP4(R_inter X R_intra)``
     per token. An identity ``R_inter`` (wush, brq) is skipped; any other is one batched GEMM."""
 
-    def __init__(self, r_inter: np.ndarray, r_intra: np.ndarray, scale_rule: str = "floor") -> None:
+    def __init__(self, r_inter: np.ndarray, r_intra: np.ndarray, scale_rule: str = "floor",
+                 kernel: str = DEFAULT_ROTATE_KERNEL) -> None:
         import cupy as cp
 
+        rotate_kernel(kernel)  # fail at construction, not at the first call
         r_inter = np.asarray(r_inter, np.float32)
         self.r_inter = None if np.array_equal(r_inter, np.eye(r_inter.shape[0], dtype=np.float32)) else cp.asarray(r_inter)
         self.r_intra = cp.ascontiguousarray(cp.asarray(r_intra, dtype=cp.float32))
         self.scale_rule = scale_rule
+        self.kernel = kernel
 
     def __call__(self, x, rotated_out=None):
         """x: CuPy [..., D] of any float dtype; returns MXFP4 values in x's dtype."""
@@ -124,12 +165,12 @@ class RotateQuantizer:
         if self.r_inter is not None:
             blocks = xf.reshape(-1, self.r_inter.shape[0], 32)
             xf = cp.matmul(self.r_inter, blocks).reshape(xf.shape)
-        y = block_rotate_quantize(xf, self.r_intra, self.scale_rule, rotated_out)
+        y = block_rotate_quantize(xf, self.r_intra, self.scale_rule, rotated_out, self.kernel)
         return y.astype(x.dtype, copy=False)
 
 
-def rotate_quantize(x, r_inter, r_intra, scale_rule: str = "floor"):
+def rotate_quantize(x, r_inter, r_intra, scale_rule: str = "floor", kernel: str = DEFAULT_ROTATE_KERNEL):
     """The TorqRotateQuantize op on device memory; returns a CuPy array of x's dtype."""
     import cupy as cp
 
-    return RotateQuantizer(r_inter, r_intra, scale_rule)(cp.asarray(x))
+    return RotateQuantizer(r_inter, r_intra, scale_rule, kernel)(cp.asarray(x))

@@ -76,3 +76,92 @@ torq_block_rotate_quant(const float* __restrict__ x, const float* __restrict__ r
     #pragma unroll
     for (int k = 0; k < 8; ++k) yv[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
 }
+
+// The maximum of v over a full warp: one redux.sync on sm_80 and newer; a shuffle butterfly
+// before sm_80 (NVRTC compiles the whole file for the GPU at hand, so every kernel in it must
+// build there) or when TORQ_SHUFFLE_MAX is defined (the host tests run both paths).
+__device__ inline unsigned torq_warp_max_u32(unsigned v) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800) || defined(TORQ_SHUFFLE_MAX)
+    #pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const unsigned w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+#else
+    return __reduce_max_sync(0xffffffffu, v);
+#endif
+}
+
+// MXFP4 of one element of a block held one element per lane by a whole warp. The block's amax
+// is one warp max over |v|'s bits (the bit order of non-negative floats is their numeric
+// order, subnormals included); a NaN/Inf maps to +Inf's bits, above every finite magnitude,
+// so the same reduction flags the block. Same values as torq_mxfp4_block.
+__device__ inline float torq_mxfp4_warp_element(float v, float bump) {
+    const unsigned inf_bits = 0x7f800000u;
+    const unsigned amax = torq_warp_max_u32(isfinite(v) ? torq_float_to_bits(fabsf(v)) : inf_bits);
+    if (amax == inf_bits) return torq_nan();
+    if (amax == 0u) return 0.f;
+    return torq_mxfp4_element(v, torq_mxfp4_exponent(torq_bits_to_float(amax), bump));
+}
+
+// The same op as torq_block_rotate_quant with coalesced memory access: one warp per (row,
+// block), lane j computing output j, so every global load and store of a warp covers whole
+// 128-byte lines. A CTA's TORQ_W_WARPS warps own consecutive blocks (a row step touches
+// TORQ_W_WARPS * 128 contiguous bytes) and walk the same TORQ_W_ROWS rows; lane j keeps
+// column j of its block's R_b in registers. A step moves TORQ_W_STEP rows: one 16-byte load
+// per lane fills the warp's tile in shared memory, the next step's load is issued before this
+// step's arithmetic, and every lane reads the row back as broadcasts. The dot product is the
+// same fmaf chain over i as the thread-per-block kernel, so z is bit-identical to it.
+#define TORQ_W_WARPS 8
+#define TORQ_W_ROWS 128
+#define TORQ_W_STEP 4  // rows per step: 32 lanes x float4 = TORQ_W_STEP rows of 32 floats
+
+extern "C" __global__ void __launch_bounds__(TORQ_W_WARPS * 32)
+torq_block_rotate_quant_warp(const float* __restrict__ x, const float* __restrict__ r, float* __restrict__ y,
+                             float* __restrict__ z_out, long long n_rows, int n_blocks, long long r_stride, float bump) {
+    __shared__ float4 tile[TORQ_W_WARPS][TORQ_W_STEP * 8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int b = blockIdx.x * TORQ_W_WARPS + warp;
+    const long long row0 = (long long)blockIdx.y * TORQ_W_ROWS;
+    if (b >= n_blocks || row0 >= n_rows) return;  // whole warps exit together
+    const long long rows = n_rows - row0 < TORQ_W_ROWS ? n_rows - row0 : TORQ_W_ROWS;
+    const float* rb = r + b * r_stride;
+    float rc[32];  // rc[i] = R_b[i][lane]
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) rc[i] = __ldg(rb + i * 32 + lane);
+    const long long row_f4 = (long long)n_blocks * 8;  // one row of x, in float4
+    const float4* xb = reinterpret_cast<const float4*>(x) + row0 * row_f4 + b * 8;
+    const int tr = lane >> 3, tc = lane & 7;  // this lane moves float4 tc of tile row tr
+    float4 next = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (tr < rows) next = __ldg(xb + tr * row_f4 + tc);
+    for (long long s = 0; s < rows; s += TORQ_W_STEP) {
+        __syncwarp();  // every lane has finished reading the previous step's tile
+        tile[warp][lane] = next;
+        __syncwarp();
+        if (s + TORQ_W_STEP + tr < rows) next = __ldg(xb + (s + TORQ_W_STEP + tr) * row_f4 + tc);
+        float z[TORQ_W_STEP];  // the step's rows as independent fmaf chains (latency hiding)
+        #pragma unroll
+        for (int k = 0; k < TORQ_W_STEP; ++k) z[k] = 0.f;
+        #pragma unroll
+        for (int q = 0; q < 8; ++q) {
+            #pragma unroll
+            for (int k = 0; k < TORQ_W_STEP; ++k) {
+                const float4 t = tile[warp][k * 8 + q];
+                z[k] = fmaf(t.x, rc[4 * q], z[k]);
+                z[k] = fmaf(t.y, rc[4 * q + 1], z[k]);
+                z[k] = fmaf(t.z, rc[4 * q + 2], z[k]);
+                z[k] = fmaf(t.w, rc[4 * q + 3], z[k]);
+            }
+        }
+        #pragma unroll
+        for (int k = 0; k < TORQ_W_STEP; ++k) {
+            const float out = torq_mxfp4_warp_element(z[k], bump);  // all lanes: a warp collective
+            if (s + k < rows) {  // a last partial step computes stale tile rows and drops them
+                const long long off = ((row0 + s + k) * n_blocks + b) * 32 + lane;
+                if (z_out != nullptr) z_out[off] = z[k];
+                y[off] = out;
+            }
+        }
+    }
+}

@@ -279,16 +279,18 @@ def _cupy_view(value):
     return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
 
 
-def cupy_kernel() -> Kernel:
+def cupy_kernel(rotate_kernel: str | None = None) -> Kernel:
     """The fused CUDA kernel, one :class:`~torq_onnx.runtime_ops.cuda.RotateQuantizer` (its
-    matrices uploaded once) per site; takes an OrtValue or CuPy array, returns CuPy."""
+    matrices uploaded once) per site; takes an OrtValue or CuPy array, returns CuPy.
+    ``rotate_kernel``: a key of ``cuda.ROTATE_KERNELS`` (default ``cuda.DEFAULT_ROTATE_KERNEL``)."""
     from torq_onnx.runtime_ops import cuda
 
     quantizers: dict[int, cuda.RotateQuantizer] = {}
 
     def run(x, op: OnlineOp):
         if id(op) not in quantizers:
-            quantizers[id(op)] = cuda.RotateQuantizer(op.r_inter, op.r_intra, op.scale_rule)
+            quantizers[id(op)] = cuda.RotateQuantizer(op.r_inter, op.r_intra, op.scale_rule,
+                                                      rotate_kernel or cuda.DEFAULT_ROTATE_KERNEL)
         return quantizers[id(op)](x if hasattr(x, "get") else _cupy_view(x))
 
     return run

@@ -1,4 +1,4 @@
-"""The CUDA sources compile (sm_80, sm_90) and their per-block arithmetic, built for the host
+"""The CUDA sources compile (sm_75, sm_80, sm_90) and their per-block arithmetic, built for the host
 with nvcc, is bit-exact to the numpy MXFP4 reference. Needs nvcc, not a GPU."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def nvcc(*args: str) -> None:
     assert res.returncode == 0 and not res.stderr.strip(), f"nvcc {' '.join(args)}:\n{res.stdout}\n{res.stderr}"
 
 
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])  # sm_75: T4s, and the pre-sm_80 warp max
 @pytest.mark.parametrize("source", sorted(p.name for p in SRC.glob("*.cu")))
 def test_cuda_sources_compile_without_warnings(tmp_path, source, arch):
     nvcc("-cubin", f"-arch={arch}", "-o", str(tmp_path / "out.cubin"), str(SRC / source))

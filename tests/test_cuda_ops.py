@@ -37,20 +37,22 @@ def test_quantize_kernel_bit_exact(rule):
     assert same(cuda.fake_quant_rows(cp.asarray(z), rule).get(), ref.quantize_rotated(z, np.float32, rule))
 
 
+@pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
 @pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
-def test_fused_kernel_with_identity_rotation_is_the_quantizer(rule):
+def test_fused_kernel_with_identity_rotation_is_the_quantizer(rule, kernel):
     """x @ I is x exactly for finite x (a NaN/Inf block is NaN either way), so the fused
     kernel's quantizer meets the adversarial cases unchanged."""
     import cupy as cp
 
     z = adversarial_rows(1)
-    got = cuda.block_rotate_quantize(cp.asarray(z), cp.eye(32, dtype=cp.float32), rule).get()
+    got = cuda.block_rotate_quantize(cp.asarray(z), cp.eye(32, dtype=cp.float32), rule, kernel=kernel).get()
     assert same(got, ref.quantize_rotated(z, np.float32, rule))
 
 
+@pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
 @pytest.mark.parametrize("per_block", [False, True])
 @pytest.mark.parametrize("dense_inter", [False, True])
-def test_rotate_quantize_matches_the_reference(per_block, dense_inter):
+def test_rotate_quantize_matches_the_reference(per_block, dense_inter, kernel):
     """Rotation: float32 agreement with numpy (summation order differs); quantization:
     bit-exact on exactly the rotated values the kernel produced."""
     import cupy as cp
@@ -61,7 +63,7 @@ def test_rotate_quantize_matches_the_reference(per_block, dense_inter):
     r_inter = torq.solve_rotation("quarot", d, seed=0).r_inter if dense_inter else np.eye(b)
     r_intra = rng.standard_normal((b, 32, 32) if per_block else (32, 32)) / np.sqrt(32)
     x = (rng.standard_normal((n, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
-    q = cuda.RotateQuantizer(r_inter, r_intra)
+    q = cuda.RotateQuantizer(r_inter, r_intra, kernel=kernel)
     assert (q.r_inter is None) == (not dense_inter)
     z_gpu = cp.full(x.shape, cp.nan, dtype=cp.float32)  # poisoned: every element must be written
     y = q(cp.asarray(x), rotated_out=z_gpu).get()
@@ -69,7 +71,22 @@ def test_rotate_quantize_matches_the_reference(per_block, dense_inter):
     want_z = torq.apply_rotation(x.astype(np.float64), r_inter, r_intra)
     np.testing.assert_allclose(z, want_z, rtol=1e-4, atol=1e-5 * np.abs(want_z).max())
     assert same(y, ref.quantize_rotated(z, np.float32))
-    assert same(cuda.rotate_quantize(x, r_inter, r_intra).get(), y)  # deterministic
+    assert same(cuda.rotate_quantize(x, r_inter, r_intra, kernel=kernel).get(), y)  # deterministic
+
+
+def test_fused_kernels_agree_bit_for_bit_on_the_gpu():
+    """The same fmaf chain in both thread mappings: identical rotated values and outputs."""
+    import cupy as cp
+
+    rng = np.random.default_rng(3)
+    x = cp.asarray((rng.standard_normal((1000, 4096)) * np.exp(rng.standard_normal(4096))).astype(np.float32))
+    r_intra = cp.asarray((rng.standard_normal((128, 32, 32)) / np.sqrt(32)).astype(np.float32))
+    outs = {}
+    for kernel in cuda.ROTATE_KERNELS:
+        z = cp.full(x.shape, cp.nan, dtype=cp.float32)
+        outs[kernel] = (cuda.block_rotate_quantize(x, r_intra, rotated_out=z, kernel=kernel).get(), z.get())
+    (y, z), (y_w, z_w) = outs["thread"], outs["warp"]
+    assert np.array_equal(z_w, z) and same(y_w, y)
 
 
 def cuda_ort_available() -> bool:

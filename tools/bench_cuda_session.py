@@ -3,7 +3,9 @@
 Three ways to run one model.onnx on held-out token ids (strided 512-token windows):
   cpu       ORT CPU, whole graph (the op inlined from its ONNX function): the reference
   cuda-fn   ORT CUDA EP, whole graph: the op's ONNX function body run by ORT's CUDA kernels
-  cuda-ours the split runner: ORT CUDA segments + the fused CuPy kernel, one stream
+  cuda-thread, cuda-warp
+            the split runner: ORT CUDA segments + a fused CuPy kernel (a thread or a warp
+            per MX block), one stream
 For each: perplexity, KL divergence from and top-1 agreement with the cpu run, time per
 512-token forward pass (median of 10) and the tokens/s it gives. Needs onnxruntime-gpu
 and CuPy for the CUDA rows.
@@ -20,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, perplexity, sliding_windows
-from torq_onnx.runtime_ops import load_session
-from torq_onnx.runtime_ops.split_runner import SplitSession
+from torq_onnx.runtime_ops import cuda, load_session
+from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
 
 
 def main() -> None:
@@ -44,18 +46,19 @@ def main() -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         opts = {"use_tf32": args.tf32} if args.tf32 else {}
         rows.append(("cuda-fn", load_session(args.model, providers=[("CUDAExecutionProvider", opts)])))
-        rows.append(("cuda-ours", SplitSession(args.model, device="cuda", cuda_options=opts)))
+        for kernel in cuda.ROTATE_KERNELS:
+            rows.append((f"cuda-{kernel}", SplitSession(args.model, kernel=cupy_kernel(kernel), device="cuda", cuda_options=opts)))
     else:
         print("onnxruntime-gpu is not installed: CPU row only")
     reference = Reference(cpu, cache=True)
     for w in sliding_windows(int(ids.size), 512, 256):  # the cpu logits, computed once, outside the timed runs
         reference.scored_logprobs(w, ids[w.begin : w.end])
-    print(f"{'run':>9} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
+    print(f"{'run':>11} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
     for name, session in rows:
         ms = forward_ms(session, window, repeat=10)
         res = perplexity(session, ids, reference=reference)
         tps = window.size / ms * 1e3
-        print(f"{name:>9} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")
+        print(f"{name:>11} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")
     print(f"{ids.size} tokens; use_tf32={args.tf32 or 'default'}; onnxruntime {ort.__version__}; providers {ort.get_available_providers()}")
 
 

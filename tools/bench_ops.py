@@ -1,7 +1,8 @@
 """Benchmark the online op TorqRotateQuantize beside the MatMul it feeds.
 
 CPU table: numpy reference vs the op's ONNX function in ORT CPU. CUDA table (with CuPy and a
-GPU): the fused CuPy kernel vs the same ONNX function run by ORT's CUDA execution provider
+GPU): each fused CuPy kernel (``cuda.ROTATE_KERNELS``: a thread or a warp per MX block) vs
+the same ONNX function run by ORT's CUDA execution provider
 (needs onnxruntime-gpu), its bandwidth against a device-to-device copy, and its time
 against the [tokens, D] x [D, D] MatMul it feeds. Two layouts: "wush" (per-block 32x32
 transforms, identity R_inter) and "torq" (dense R_inter, one shared 32x32 R_intra).
@@ -120,7 +121,7 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
     props = cp.cuda.runtime.getDeviceProperties(0)
     print(f"\nCUDA ({props['name'].decode()}): fused kernel vs ORT CUDA running the op's ONNX function; "
           f"GB/s counts x read + y written; MatMul = ORT CUDA [tokens, D] x [D, D] float32")
-    hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'ours ms':>8} {'GB/s':>6} {'% copy':>6} {'ORT fn ms':>9} "
+    hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'kernel':>6} {'ours ms':>8} {'GB/s':>6} {'% copy':>6} {'ORT fn ms':>9} "
            f"{'speed-up':>8} {'MatMul ms':>9} {'op/MatMul':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for d in dims:
@@ -133,12 +134,13 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
             t_mm = ort_cuda_ms(mm, {"x": x, "w": w}, "y") if mm else float(gpu_ms(lambda: cp.matmul(xd, cp.asarray(w))))
             for name in ("wush", "torq"):
                 ri, rk = layout(d, name)
-                q = cuda.RotateQuantizer(ri, rk)
-                t_ours = gpu_ms(lambda: q(xd))
                 t_fn = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider"), {"x": x, "ri": ri, "rk": rk}, "y") if has_ort else float("nan")
-                gbps = 2 * x.nbytes / t_ours / 1e6
-                print(f"{d:>5} {t:>6} {name:>6} {t_ours:>8.3f} {gbps:>6.0f} {100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} "
-                      f"{t_fn / t_ours:>7.1f}x {t_mm:>9.3f} {100 * t_ours / t_mm:>8.1f}%")
+                for kernel in cuda.ROTATE_KERNELS:
+                    q = cuda.RotateQuantizer(ri, rk, kernel=kernel)
+                    t_ours = gpu_ms(lambda: q(xd))
+                    gbps = 2 * x.nbytes / t_ours / 1e6
+                    print(f"{d:>5} {t:>6} {name:>6} {kernel:>6} {t_ours:>8.3f} {gbps:>6.0f} {100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} "
+                          f"{t_fn / t_ours:>7.1f}x {t_mm:>9.3f} {100 * t_ours / t_mm:>8.1f}%")
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (last size); ORT CUDA EP {'available' if has_ort else 'not installed: ORT columns n/a'}")
 
 

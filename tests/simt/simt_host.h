@@ -1,0 +1,149 @@
+// A host emulator of the CUDA features the torq kernels use, so that their thread mapping
+// (indexing, shared-memory tiles, warp collectives, tails) runs on any CPU: every CUDA thread
+// of a CTA is a std::thread, CTAs run one after another, __syncthreads/__syncwarp are
+// barriers and warp collectives exchange values through a per-warp slot array between two
+// barriers. The kernel source is compiled unchanged by g++ with this header force-included.
+// It checks what it can of CUDA's rules (1-D blocks of whole warps, full-warp masks, no
+// collective after a lane of the warp has exited) and aborts with a message otherwise. It
+// does not model the memory system, so it says nothing about speed, and a missing barrier
+// shows only as a flaky result, not as an error.
+#pragma once
+
+#include <math.h>
+
+#include <atomic>
+#include <barrier>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static  // one CTA runs at a time, so a static is the CTA's shared memory
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct float4 {
+    float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+namespace simt {
+
+[[noreturn]] inline void fail(const char* what) {
+    std::fprintf(stderr, "simt: %s\n", what);
+    std::abort();
+}
+
+struct Warp {
+    std::barrier<> sync{32};
+    std::atomic<int> alive{32};
+    unsigned long long slot[32];
+};
+
+struct Cta {
+    explicit Cta(unsigned threads) : sync(threads), warps(new Warp[threads / 32]) {}
+    std::barrier<> sync;
+    std::unique_ptr<Warp[]> warps;
+};
+
+inline Cta* cta = nullptr;
+inline Warp& warp() { return cta->warps[threadIdx.x >> 5]; }
+inline unsigned lane() { return threadIdx.x & 31; }
+
+// Every lane publishes its value; after the barrier, a lane sees all 32 of its warp.
+template <class T>
+inline Warp& publish(unsigned mask, T v) {
+    static_assert(sizeof(T) <= sizeof(unsigned long long));
+    if (mask != 0xffffffffu) fail("only full-warp masks are emulated");
+    Warp& w = warp();
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    w.slot[lane()] = bits;
+    w.sync.arrive_and_wait();
+    if (w.alive.load() != 32) fail("warp collective after a lane of the warp exited");
+    return w;
+}
+
+template <class T>
+inline T read(const Warp& w, unsigned src_lane) {
+    T out;
+    std::memcpy(&out, &w.slot[src_lane & 31], sizeof(T));
+    return out;
+}
+
+template <class T>
+inline T shuffle(unsigned mask, T v, unsigned src_lane) {
+    Warp& w = publish(mask, v);
+    T out = read<T>(w, src_lane);
+    w.sync.arrive_and_wait();  // nobody overwrites a slot before everyone has read it
+    return out;
+}
+
+// Runs kernel(args...) on a grid of CTAs.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+    if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32) fail("only 1-D blocks of whole warps are emulated");
+    gridDim = grid;
+    blockDim = block;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                Cta c(block.x);
+                cta = &c;
+                std::vector<std::thread> threads;
+                threads.reserve(block.x);
+                for (unsigned t = 0; t < block.x; ++t)
+                    threads.emplace_back([&, t] {
+                        threadIdx = dim3{t, 0, 0};
+                        blockIdx = dim3{bx, by, bz};
+                        kernel(args...);
+                        Warp& w = warp();  // an exited thread no longer holds up its warp or CTA
+                        w.alive.fetch_sub(1);
+                        w.sync.arrive_and_drop();
+                        c.sync.arrive_and_drop();
+                    });
+                for (auto& th : threads) th.join();
+                cta = nullptr;
+            }
+}
+
+}  // namespace simt
+
+inline void __syncthreads() { simt::cta->sync.arrive_and_wait(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { simt::shuffle(mask, 0u, 0u); }
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane, int = 32) { return simt::shuffle(mask, v, (unsigned)src_lane); }
+template <class T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int = 32) {
+    return simt::shuffle(mask, v, simt::lane() ^ (unsigned)lane_mask);
+}
+inline unsigned __reduce_max_sync(unsigned mask, unsigned v) {
+    simt::Warp& w = simt::publish(mask, v);
+    unsigned m = 0;
+    for (unsigned i = 0; i < 32; ++i) m = simt::read<unsigned>(w, i) > m ? simt::read<unsigned>(w, i) : m;
+    w.sync.arrive_and_wait();
+    return m;
+}

@@ -1,0 +1,116 @@
+"""The CUDA kernels' thread mapping, run on the CPU: runtime_ops/mxfp4_quant.cu compiled
+unchanged by g++ against a host emulator of CUDA threads, barriers and warp collectives
+(tests/simt/simt_host.h), launched with the shapes runtime_ops/cuda.py uses. Checks indexing,
+tails, shared-memory tiles and warp reductions bit-exact against the numpy reference; the
+memory system and speed stay GPU-only (pytest -m gpu, tools/bench_ops.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from torq_onnx import mxfp4
+from torq_onnx.runtime_ops import cuda
+from torq_onnx.runtime_ops import functions as F
+from torq_onnx.runtime_ops import reference as ref
+
+from test_runtime_ops import adversarial
+
+SIMT = Path(__file__).with_name("simt")
+CXX = shutil.which("g++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
+
+
+def same(got: np.ndarray, want: np.ndarray) -> bool:
+    return bool(((got == want) | (np.isnan(got) & np.isnan(want))).all())
+
+
+@pytest.fixture(scope="module", params=["redux", "shuffle"])
+def harness(request, tmp_path_factory) -> Path:
+    """The harness, with the warp max as on sm_80+ (redux.sync) or as before sm_80 (shuffles)."""
+    exe = tmp_path_factory.mktemp("simt") / "kernel_harness"
+    cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+           *(["-DTORQ_SHUFFLE_MAX"] if request.param == "shuffle" else []),
+           "-include", str(SIMT / "simt_host.h"), f"-I{Path(F.__file__).parent}", "-o", str(exe), str(SIMT / "kernel_harness.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+def run(harness: Path, args: list, data: bytes, n_out: int) -> np.ndarray:
+    res = subprocess.run([str(harness), *map(str, args)], input=data, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()
+    out = np.frombuffer(res.stdout, dtype=np.float32)
+    assert out.size == n_out
+    return out
+
+
+def fake_quant(harness: Path, z: np.ndarray, rule: str) -> np.ndarray:
+    n_blocks = z.size // 32
+    (gx,), (threads,) = cuda.fake_quant_grid(n_blocks)
+    return run(harness, ["mxfp4_fake_quant", gx, 1, threads, n_blocks, repr(F.bump_threshold(rule))], z.tobytes(), z.size).reshape(z.shape)
+
+
+def rotate_quant(harness: Path, kernel: str, x: np.ndarray, r_intra: np.ndarray, rule: str = "floor",
+                 spec: cuda.RotateKernel | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(y, z) of one fused-kernel launch, shaped as cuda.block_rotate_quantize launches it."""
+    spec = spec or cuda.ROTATE_KERNELS[kernel]
+    rows, n_blocks = x.shape[0], x.shape[1] // 32
+    [(_, _, (gx, gy))] = cuda.rotate_launches(spec, rows, n_blocks)
+    args = [spec.name, gx, gy, spec.threads, rows, n_blocks, 1024 if r_intra.ndim == 3 else 0, repr(F.bump_threshold(rule))]
+    out = run(harness, args, x.tobytes() + np.ascontiguousarray(r_intra, np.float32).tobytes(), 2 * x.size)
+    return out[: x.size].reshape(x.shape), out[x.size:].reshape(x.shape)
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_warp_quantizer_kernel_is_bit_exact(harness, rule):
+    """123 blocks: the last CTA has 3 of its 8 warps idle."""
+    z = adversarial(np.random.default_rng(5), 41, 96)
+    assert same(fake_quant(harness, z, rule), ref.quantize_rotated(z, np.float32, rule))
+
+
+@pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_fused_kernel_with_identity_rotation_is_the_quantizer(harness, kernel, rule):
+    """x @ I is x for finite x, so the adversarial cases reach the quantizer unchanged."""
+    x = adversarial(np.random.default_rng(6), 70, 160)
+    y, z = rotate_quant(harness, kernel, x, np.eye(32, dtype=np.float32), rule)
+    finite = np.isfinite(x).reshape(70, 5, 32).all(-1).repeat(32, -1)
+    np.testing.assert_array_equal(z[finite], x[finite])
+    assert same(y, ref.quantize_rotated(x, np.float32, rule))
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_fused_kernels_agree_bit_for_bit_and_with_numpy(harness, per_block):
+    """133 rows (a partial row tile and a partial 4-row step) x 5 blocks (3 idle warps): both
+    kernels write every element, the same fmaf chain gives identical z, and y is the
+    reference quantizer of exactly that z."""
+    rng = np.random.default_rng(8)
+    n, b = 133, 5
+    r_intra = (rng.standard_normal((b, 32, 32) if per_block else (32, 32)) / np.sqrt(32)).astype(np.float32)
+    x = (rng.standard_normal((n, 32 * b)) * np.exp(2 * rng.standard_normal(32 * b))).astype(np.float32)
+    x[7, 32:64] = 0.0  # a zero block
+    x[9, 70] = np.nan  # a NaN block
+    results = {k: rotate_quant(harness, k, x, r_intra) for k in cuda.ROTATE_KERNELS}
+    (y, z), (y_w, z_w) = results["thread"], results["warp"]
+    assert same(z_w, z) and same(y_w, y)
+    want_z = np.einsum("nbi,bij->nbj", x.reshape(n, b, 32).astype(np.float64),
+                       np.broadcast_to(r_intra, (b, 32, 32))).reshape(n, -1)
+    ok = np.isfinite(want_z)
+    np.testing.assert_allclose(z[ok], want_z[ok], rtol=1e-4, atol=1e-5 * np.abs(want_z[ok]).max())
+    assert np.isnan(y[9, 64:96]).all() and (y[7, 32:64] == 0).all()
+    assert same(y, ref.quantize_rotated(z, np.float32))
+
+
+def test_a_wrong_launch_shape_is_caught(harness):
+    """The checks above can fail: a grid one block-column too narrow leaves blocks unwritten."""
+    x = np.random.default_rng(9).standard_normal((40, 32 * 9)).astype(np.float32)
+    spec = cuda.ROTATE_KERNELS["warp"]
+    narrow = cuda.RotateKernel(spec.name, spec.threads, spec.blocks_per_cta + 1, spec.rows_per_cta)  # 9 blocks, 1 CTA
+    y, _ = rotate_quant(harness, "warp", x, np.eye(32, dtype=np.float32), spec=narrow)
+    want = ref.quantize_rotated(x, np.float32)
+    assert same(y[:, :256], want[:, :256]) and not same(y[:, 256:], want[:, 256:])
