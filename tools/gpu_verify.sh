@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The CUDA checks in one command, for a machine with a GPU, CuPy and nvcc and no network:
+# installs this checkout without dependencies, runs the GPU tests, compute-sanitizer's memcheck
+# and racecheck (shared-memory hazards, which the host emulator in tests/simt cannot see) on
+# both fused kernels, and the op benchmark. Logs go to ${OUT:-gpu-verify-logs}.
+# onnxruntime-gpu is optional: with only the CPU onnxruntime, the SplitSession tests skip and
+# the benchmark's ORT columns read n/a (its MatMul column is then CuPy's).
+# Run from the repository root: bash tools/gpu_verify.sh [--quick]
+set -uo pipefail
+out=${OUT:-gpu-verify-logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
+python3 -c "from torq_onnx.runtime_ops import cuda; raise SystemExit(0 if cuda.available() else 'no CUDA GPU visible to CuPy: nothing to verify')" || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/device.txt"
+python3 -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tee "$out/pytest_gpu.log" || status=1
+if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest -q -p no:cacheprovider -m gpu \
+            -k "agree_bit_for_bit or matches_the_reference" tests/test_cuda_ops.py >"$out/sanitizer_$tool.log" 2>&1 || status=1
+        echo "compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|passed|failed' "$out/sanitizer_$tool.log" | tr '\n' ' ')"
+    done
+else
+    echo "compute-sanitizer not found: sanitizer runs skipped" | tee "$out/sanitizer_skipped.txt"
+fi
+python3 tools/bench_ops.py --cuda-only "$@" 2>&1 | tee "$out/bench_ops.txt" || status=1
+exit $status
