@@ -13,7 +13,7 @@ from onnx_ir.passes import common as common_passes
 
 from torq_onnx import heap, torq
 from torq_onnx.errors import TorqError
-from torq_onnx.passes.context import EXTERNAL_MIN_BYTES, ExportContext, Site, SiteStats
+from torq_onnx.passes.context import ExportContext, Site, SiteStats, external_weights_folder
 
 
 def update_stats(stats: SiteStats, acts: np.ndarray, rng: np.random.Generator, capacity: int) -> None:
@@ -91,7 +91,7 @@ class Calibrate(InPlacePass):
         probe.graph.outputs.clear()
         probe.graph.outputs.extend({s.activation: values[s.activation] for s in self.ctx.sites}.values())
         common_passes.RemoveUnusedNodesPass()(probe)
-        folder = self.weights_folder(probe)
+        folder = external_weights_folder(probe)
         if folder is not None:
             opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
             return ort.InferenceSession(ir.serde.serialize_model(probe).SerializeToString(), opts, providers=self.providers)
@@ -99,20 +99,6 @@ class Calibrate(InPlacePass):
             path = Path(tmp) / "model.onnx"
             ir.save(probe, path, external_data="model.onnx.data")
             return ort.InferenceSession(str(path), opts, providers=self.providers)
-
-    @staticmethod
-    def weights_folder(model: ir.Model, min_bytes: int = EXTERNAL_MIN_BYTES) -> Path | None:
-        """The one folder all of ``model``'s weights of ``min_bytes`` or more live in as
-        external data, or None if some are in memory (or spread over several folders)."""
-        folders = set()
-        for value in model.graph.initializers.values():
-            tensor = value.const_value
-            if tensor is None or tensor.nbytes < min_bytes:
-                continue
-            if not isinstance(tensor, ir.ExternalTensor):
-                return None
-            folders.add(Path(tensor.base_dir))
-        return folders.pop() if len(folders) == 1 else None
 
     def call(self, model: ir.Model) -> PassResult:
         import onnxruntime as ort

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -91,6 +92,20 @@ def read_weight(value: ir.Value) -> np.ndarray:
         tensor.release()
         return array
     return tensor.numpy()
+
+
+def external_weights_folder(model: ir.Model, min_bytes: int = EXTERNAL_MIN_BYTES) -> Path | None:
+    """The one folder all of ``model``'s weights of ``min_bytes`` or more live in as
+    external data, or None if some are in memory (or spread over several folders)."""
+    folders = set()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < min_bytes:
+            continue
+        if not isinstance(tensor, ir.ExternalTensor):
+            return None
+        folders.add(Path(tensor.base_dir))
+    return folders.pop() if len(folders) == 1 else None
 
 
 def site_weights(graph: ir.Graph, site: Site, nodes: dict[str, ir.Node] | None = None) -> np.ndarray:

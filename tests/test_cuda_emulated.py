@@ -18,15 +18,11 @@ from torq_onnx.runtime_ops import cuda
 from torq_onnx.runtime_ops import functions as F
 from torq_onnx.runtime_ops import reference as ref
 
-from test_runtime_ops import adversarial
+from test_runtime_ops import adversarial, same
 
 SIMT = Path(__file__).with_name("simt")
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
-
-
-def same(got: np.ndarray, want: np.ndarray) -> bool:
-    return bool(((got == want) | (np.isnan(got) & np.isnan(want))).all())
 
 
 @pytest.fixture(scope="module", params=["redux", "shuffle"])

@@ -12,14 +12,10 @@ from torq_onnx.pipeline import ExportOptions, rewrite
 from torq_onnx.runtime_ops import cuda, load_session
 from torq_onnx.runtime_ops import reference as ref
 
-from test_runtime_ops import adversarial
+from test_runtime_ops import adversarial, same
 from tiny_models import batches, tiny_transformer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU with cupy")]
-
-
-def same(got: np.ndarray, want: np.ndarray) -> bool:
-    return bool(((got == want) | (np.isnan(got) & np.isnan(want))).all())
 
 
 def adversarial_rows(seed: int) -> np.ndarray:

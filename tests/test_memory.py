@@ -14,6 +14,7 @@ import pytest
 
 from torq_onnx import pipeline
 from torq_onnx.passes import Calibrate
+from torq_onnx.passes.context import external_weights_folder
 from torq_onnx.pipeline import ExportOptions, rewrite
 
 from tiny_models import batches, run, tiny_transformer
@@ -32,10 +33,10 @@ def test_working_copy_changes_no_byte_of_the_export(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     copy = pipeline.load_working_copy(src, work)
-    assert Calibrate.weights_folder(copy) == work
+    assert external_weights_folder(copy) == work
     assert all(isinstance(v.const_value, ir.ExternalTensor) for v in copy.graph.initializers.values() if v.const_value.nbytes >= 1024)
     in_memory = pipeline.load_ir(src)
-    assert Calibrate.weights_folder(in_memory) is None
+    assert external_weights_folder(in_memory) is None
     options = ExportOptions(progress=False, method="wush")
     ctx = rewrite(copy, batches(), options)
     rewrite(in_memory, batches(), options)
@@ -52,7 +53,7 @@ def test_a_model_saved_with_external_data_is_used_in_place(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     model = pipeline.load_working_copy(src, work)
-    assert Calibrate.weights_folder(model) == src.parent and not any(work.iterdir())
+    assert external_weights_folder(model) == src.parent and not any(work.iterdir())
 
 
 def test_the_export_process_never_imports_torch(tiny_llama_dir, tmp_path):

@@ -18,6 +18,11 @@ def bits_equal(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a == b) | (np.isnan(a) & np.isnan(b))
 
 
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Every element :func:`bits_equal`."""
+    return bool(bits_equal(a, b).all())
+
+
 def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = False, per_block: bool = False) -> ort.InferenceSession:
     """The op alone; ``per_block``: r_intra is [B, 32, 32] (one transform per block)."""
     b = d // 32

@@ -32,9 +32,9 @@ import onnxruntime as ort
 from torq_onnx import calibration as calib
 from torq_onnx import evaluate, models, pipeline
 from torq_onnx.atomic import write_text_atomic
+from torq_onnx.defaults import METHODS
 from torq_onnx.runtime_ops import load_session
 
-METHODS = ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")
 MODE_LABEL = {"w4a4": "W4A4 (RTN weights)", "w4a4-gptq": "W4A4 (GPTQ weights)", "a4": "A4 only", "w4": "W4 only (RTN)",
               "w4-gptq": "W4 only (GPTQ)"}
 

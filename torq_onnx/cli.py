@@ -11,14 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
+from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING, METHODS, SOURCE_DTYPES
 from torq_onnx.errors import TorqError
 
 # typed choices: validated before any work starts, and listed by --help
-Method = Enum("Method", {m.replace("-", "_"): m for m in ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")}, type=str)
+Method = Enum("Method", {m.replace("-", "_"): m for m in METHODS}, type=str)
 WeightRounding = Enum("WeightRounding", {"rtn": "rtn", "gptq": "gptq"}, type=str)
 ScaleRule = Enum("ScaleRule", {"floor": "floor", "even": "even", "rceil": "rceil"}, type=str)
-SourceDtype = Enum("SourceDtype", {"fp32": "fp32", "fp16": "fp16"}, type=str)
+SourceDtype = Enum("SourceDtype", {d: d for d in SOURCE_DTYPES}, type=str)
 WeightMode = Enum("WeightMode", {"mxfp4": "mxfp4", "fake": "fake", "float": "float"}, type=str)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")

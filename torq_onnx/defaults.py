@@ -1,5 +1,8 @@
 """Export defaults: what ``torq-onnx export`` gives with no options (the best row of the
 evaluation table in the README), kept apart so the CLI can show them without heavy imports."""
 
+METHODS = ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")
+SOURCE_DTYPES = ("fp32", "fp16")  # graph dtypes of HF/GGUF exports; ORT's CPU provider has no bfloat16 kernels
+
 DEFAULT_METHOD = "wush"
 DEFAULT_WEIGHT_ROUNDING = "gptq"

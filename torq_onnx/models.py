@@ -16,6 +16,7 @@ from pathlib import Path
 
 import onnx
 
+from torq_onnx.defaults import SOURCE_DTYPES
 from torq_onnx.errors import TorqError
 
 MIN_OPSET = 18
@@ -114,9 +115,6 @@ def run_isolated(fn, *args: str | int) -> None:
             raise TorqError(Path(err.name).read_text())
         if res.returncode != 0:
             raise TorqError(f"the model conversion process failed (exit status {res.returncode}; killed for memory if negative)")
-
-
-SOURCE_DTYPES = ("fp32", "fp16")  # graph dtypes of HF/GGUF exports; ORT's CPU provider has no bfloat16 kernels
 
 
 def _export_hf_worker(model_dir: str, out_dir: str, task: str, opset: int, dtype: str = "fp32") -> None:

@@ -32,7 +32,7 @@ from torq_onnx.passes import (
     SolveRotations,
     save_atomic,
 )
-from torq_onnx.passes.context import EXTERNAL_MIN_BYTES
+from torq_onnx.passes.context import EXTERNAL_MIN_BYTES, external_weights_folder
 
 
 @dataclass
@@ -167,7 +167,7 @@ def load_working_copy(path: Path, work_dir: Path) -> ir.Model:
     The passes then hold one layer's weights at a time, and the calibration session maps
     the same file, so the export never keeps a second in-memory copy of the model."""
     model = load_ir(path)
-    if Calibrate.weights_folder(model) is not None:
+    if external_weights_folder(model) is not None:
         return model
     ir.external_data.unload_from_model(model, work_dir, WORKING_WEIGHTS, size_threshold_bytes=EXTERNAL_MIN_BYTES, alignment=4096)
     ir.save(model, work_dir / "model.onnx")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from torq_onnx import mxfp4
+from torq_onnx.defaults import METHODS  # noqa: F401  (torq.METHODS: the solver's methods)
 from torq_onnx.mxfp4 import BLOCK_SIZE
 
 N_CODES = 8  # FP4 magnitude codewords
@@ -432,7 +433,6 @@ def solve_intra_block(
 
 
 # ---------------------------------------------------------------- methods
-METHODS = ("rtn", "brq", "quarot", "torq", "wush", "torq-wush")
 NEEDS_HESSIAN = ("wush", "torq-wush")  # methods that read the full D x D input moment and the weights
 FITS_ON_SAMPLES = ("torq",)  # methods whose solver fits token activations (the others only report on them)
 
