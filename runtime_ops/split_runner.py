@@ -1,111 +1,82 @@
 """Run an exported torq model in ONNX Runtime with the online op computed outside ORT.
 
-The graph is cut at every ``TorqRotateQuantize`` node into ORT sub-graphs ("segments");
-between two segments a pluggable *kernel* computes the op. This is the route by which an
-ORT session with the CUDA execution provider runs the CuPy kernel: segments run with
-IOBinding on device OrtValues, the kernel reads and writes those same device buffers
-(zero copy, through their data pointers), and no value goes to the host between segments.
-On CPU the same runner, with the numpy reference or the op's own ONNX function as the
-kernel, checks that the splitting is exact.
+The graph is cut at every ``TorqRotateQuantize`` node into ORT sub-graphs ("segments",
+:mod:`torq_onnx.runtime_ops.segments`); between two segments a pluggable *kernel* computes
+the op. This is the route by which an ORT session with the CUDA execution provider runs
+the CuPy kernel: segments run with IOBinding on device OrtValues, the kernel reads and
+writes those same device buffers (zero copy, through their data pointers), and no value
+goes to the host between segments. On CPU the same runner, with the numpy reference or the
+op's own ONNX function as the kernel, checks that the splitting is exact.
 
 Cost model: one ORT run per segment (sites + 1 per forward; for SmolLM2-135M 121 runs) and
 one kernel launch (two GEMMs + the quantizer) per site. The per-run host overhead of ORT
 (tens of microseconds) is paid once per segment, so this pays off when the fused kernel
-saves more than that over the op's inlined ONNX function body.
+saves more than that over the op's inlined ONNX function body. Since so many sessions
+live in one process, their thread pools do not spin and, on CPU, they share one arena
+(:func:`many_session_options`, :func:`share_arena`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
-from torq_onnx.runtime_ops.functions import DOMAIN, IR_VERSION, ROTATE_QUANTIZE, bump_threshold, scale_rule_of
-
-
-@dataclass
-class OnlineOp:
-    """One ``TorqRotateQuantize`` node, taken out of the graph."""
-
-    x: str
-    y: str
-    r_inter: np.ndarray
-    r_intra: np.ndarray
-    bump_threshold: float
-
-    @property
-    def scale_rule(self) -> str:
-        return scale_rule_of(self.bump_threshold)
-
-
-@dataclass
-class Segment:
-    """A run of ordinary nodes as its own ONNX model."""
-
-    model: onnx.ModelProto
-    inputs: list[str]
-    outputs: list[str]
-    session: object = None  # the ORT session, created by SplitSession
-    drop_after: list[str] = field(default_factory=list)  # values no later part reads
-
-
-def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    return {vi.name: vi.type for vi in [*g.input, *g.value_info, *g.output]}
-
-
-def split_model(model: onnx.ModelProto) -> list[Segment | OnlineOp]:
-    """Cut ``model`` (nodes in topological order, as exported) at its TorqRotateQuantize
-    nodes: alternating segments and online ops, in execution order."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    types = _value_types(model)
-    groups: list[list[onnx.NodeProto] | onnx.NodeProto] = [[]]
-    for node in graph.node:
-        if node.domain == DOMAIN and node.op_type == ROTATE_QUANTIZE:
-            groups += [node, []]
-        else:
-            groups[-1].append(node)
-    # names read by each group, to know which segment outputs are needed later
-    reads = [[n for node in (g if isinstance(g, list) else [g]) for n in node.input if n] for g in groups]
-    needed_after = [set(o.name for o in graph.output)]
-    for r in reversed(reads[1:]):
-        needed_after.insert(0, needed_after[0] | set(r))
-    parts: list[Segment | OnlineOp] = []
-    for k, group in enumerate(groups):
-        if not isinstance(group, list):
-            attrs = {a.name: helper.get_attribute_value(a) for a in group.attribute}
-            x, r_inter, r_intra = group.input
-            if r_inter not in inits or r_intra not in inits:
-                raise TorqError(f"{group.name}: rotation inputs must be initializers to split the graph")
-            parts.append(OnlineOp(x, group.output[0], numpy_helper.to_array(inits[r_inter]), numpy_helper.to_array(inits[r_intra]),
-                                  float(attrs.get("bump_threshold", bump_threshold("floor")))))
-            continue
-        if not group:
-            continue
-        produced = {o for node in group for o in node.output}
-        used = list(dict.fromkeys(reads[k]))
-        seg_inputs = [v for v in used if v not in produced and v not in inits]
-        seg_outputs = [v for node in group for v in node.output if v and v in needed_after[k]]
-        missing = [v for v in seg_inputs + seg_outputs if v not in types]
-        if missing:
-            raise TorqError(f"cannot split the graph: no type known for {', '.join(missing[:5])}")
-        sub = helper.make_graph(group, f"segment{k}",
-                                [helper.make_value_info(v, types[v]) for v in seg_inputs],
-                                [helper.make_value_info(v, types[v]) for v in seg_outputs],
-                                [inits[v] for v in used if v in inits])
-        seg_model = helper.make_model(sub, opset_imports=list(model.opset_import), functions=list(model.functions),
-                                      ir_version=model.ir_version)
-        parts.append(Segment(seg_model, seg_inputs, seg_outputs))
-    return parts
-
+from torq_onnx.runtime_ops.functions import IR_VERSION
+from torq_onnx.runtime_ops.segments import OnlineOp, Segment, split_model
 
 Kernel = Callable[[object, OnlineOp], object]
+SPINNING_KEYS = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning")
+USE_ENV_ALLOCATORS = "session.use_env_allocators"
+
+
+def _set_unless_set(opts, key: str, value: str) -> None:
+    try:
+        opts.get_session_config_entry(key)
+    except RuntimeError:  # not set by the caller
+        opts.add_session_config_entry(key, value)
+
+
+def share_arena(device: str = "cpu", device_id: int = 0) -> None:
+    """Register an arena allocator in ORT's process-wide environment, shared by the sessions
+    that opt in (``session.use_env_allocators``); calling it again does no harm. The arena
+    and what it has grown to live as long as the process.
+
+    A session per segment otherwise keeps an arena per segment, each grown to that
+    segment's own peak: on SmolLM2-135M (512 tokens, CPU) the split run's peak RSS falls
+    from 6.3 to 4.4 GB with one shared arena, logits unchanged (``tools/bench_split.py``).
+    """
+    import onnxruntime as ort
+
+    kind = ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR
+    if device == "cpu":
+        ort.create_and_register_allocator(ort.OrtMemoryInfo("Cpu", kind, 0, ort.OrtMemType.DEFAULT), ort.OrtArenaCfg({}))
+    else:
+        ort.create_and_register_allocator_v2("CUDAExecutionProvider", ort.OrtMemoryInfo("Cuda", kind, device_id, ort.OrtMemType.DEFAULT),
+                                             {"device_id": str(device_id)}, ort.OrtArenaCfg({}))
+
+
+def many_session_options(sess_options=None, shared_arena: bool = True):
+    """``register``'s options for one of the many small sessions a split run keeps.
+
+    Each ORT session owns a thread pool whose idle workers spin for new work after every
+    run; with a session per segment and per op, hundreds of spinning workers take the cores
+    from the one that is working (see ``tools/bench_split.py``). So spinning is off unless
+    ``sess_options`` sets it; idle workers then sleep and cost nothing. With
+    ``shared_arena`` the sessions allocate from the environment's arena (:func:`share_arena`).
+    """
+    from torq_onnx.runtime_ops import register
+
+    opts = register(sess_options)
+    for key in SPINNING_KEYS:
+        _set_unless_set(opts, key, "0")
+    if shared_arena:
+        _set_unless_set(opts, USE_ENV_ALLOCATORS, "1")
+    return opts
 
 
 def numpy_kernel(x: np.ndarray, op: OnlineOp) -> np.ndarray:
@@ -115,9 +86,10 @@ def numpy_kernel(x: np.ndarray, op: OnlineOp) -> np.ndarray:
     return rotate_quantize(x, op.r_inter, op.r_intra, op.scale_rule)
 
 
-def ort_function_kernel() -> Kernel:
+def ort_function_kernel(sess_options=None) -> Kernel:
     """The op's own ONNX function in a one-node CPU session per site: the same arithmetic as
-    the whole-graph session, so a split run with it is bit-identical to the unsplit one."""
+    the whole-graph session, so a split run with it is bit-identical to the unsplit one.
+    ``sess_options`` as for :func:`many_session_options`."""
     import onnxruntime as ort
 
     from torq_onnx.runtime_ops.functions import attach_functions, make_rotate_quantize_node
@@ -132,7 +104,9 @@ def ort_function_kernel() -> Kernel:
                                   [numpy_helper.from_array(op.r_inter.astype(np.float32), "ri"), numpy_helper.from_array(op.r_intra.astype(np.float32), "rk")])
             m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=IR_VERSION)
             attach_functions(m)
-            sessions[id(op)] = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            share_arena("cpu")
+            sessions[id(op)] = ort.InferenceSession(m.SerializeToString(), sess_options=many_session_options(sess_options),
+                                                    providers=["CPUExecutionProvider"])
         return sessions[id(op)].run(None, {"x": x})[0]
 
     return run
@@ -170,19 +144,22 @@ class SplitSession:
     synchronized once, when the outputs are copied to the host. ``kernel`` then takes and
     returns CuPy arrays (default: the fused kernel of :mod:`torq_onnx.runtime_ops.cuda`);
     ``cuda_options`` are further CUDA execution provider options (e.g. ``{"use_tf32": "0"}``).
+    ``sess_options`` apply to every segment (see :func:`many_session_options`);
+    ``shared_arena``: the segments allocate from one arena (:func:`share_arena`; default:
+    on CPU, where it is measured; off on CUDA, where it has not run yet);
+    ``recompute=False`` cuts in exported order without recomputing constant and shape
+    values per segment (the baseline :mod:`~torq_onnx.runtime_ops.segments` improves on).
     """
 
     def __init__(self, path_or_model, kernel: Kernel | None = None, device: str = "cpu", sess_options=None, device_id: int = 0,
-                 cuda_options: dict | None = None) -> None:
+                 cuda_options: dict | None = None, recompute: bool = True, shared_arena: bool | None = None) -> None:
         import onnxruntime as ort
-
-        from torq_onnx.runtime_ops import register
 
         if device not in ("cpu", "cuda"):
             raise TorqError(f"device must be 'cpu' or 'cuda', not {device!r}")
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
         self.device, self.device_id = device, device_id
-        self.parts = split_model(model)
+        self.parts = split_model(model, recompute=recompute)
         self._inputs, self._outputs = _value_specs(model.graph.input), _value_specs(model.graph.output)
         self.outputs = [o.name for o in self._outputs]
         self._run_options = None
@@ -199,9 +176,13 @@ class SplitSession:
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         else:
             providers = ["CPUExecutionProvider"]
+        shared_arena = device == "cpu" if shared_arena is None else shared_arena
+        if shared_arena:
+            share_arena(device, device_id)
+        options = many_session_options(sess_options, shared_arena)
         for part in self.parts:
             if isinstance(part, Segment):
-                part.session = ort.InferenceSession(part.model.SerializeToString(), sess_options=register(sess_options), providers=providers)
+                part.session = ort.InferenceSession(part.model.SerializeToString(), sess_options=options, providers=providers)
         if kernel is None:
             kernel = cupy_kernel() if device == "cuda" else numpy_kernel
         self.kernel = kernel

@@ -21,3 +21,17 @@ def tiny_llama_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
     char_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_decoder(tiny_llama_dir, tmp_path_factory):
+    """``tiny_llama_dir`` exported with the default method (KV cache, packed MXFP4 weights):
+    its ``model.onnx``."""
+    from typer.testing import CliRunner
+
+    from torq_onnx.cli import app
+
+    out = tmp_path_factory.mktemp("exported_decoder") / "out"
+    res = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(out), "--calib-samples", "2", "--seq-len", "64", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return out / "model.onnx"

@@ -110,3 +110,22 @@ def test_split_session_on_cuda_matches_cpu(tmp_path, method):
     np.testing.assert_allclose(gpu, cpu, rtol=0.05, atol=0.05 * np.abs(cpu).max())
     assert (gpu.argmax(-1) == cpu.argmax(-1)).mean() > 0.95
     np.testing.assert_array_equal(gpu_session.run(None, feeds)[0], gpu)  # repeatable: no race
+
+
+@pytest.mark.skipif(not cuda_ort_available(), reason="needs onnxruntime-gpu (CUDAExecutionProvider)")
+@pytest.mark.parametrize("shared_arena", [False, True])
+def test_split_session_on_cuda_runs_an_exported_decoder(exported_decoder, shared_arena):
+    """An optimum export with a KV cache: attention shape arithmetic recomputed in each
+    segment (cloned Shape nodes reading device tensors), on the CUDA EP, with and without
+    the environment's shared arena."""
+    from torq_onnx import calibration as calib
+    from torq_onnx.runtime_ops.split_runner import SplitSession
+
+    ids = np.random.default_rng(0).integers(0, 50, 48).astype(np.int64)
+    cpu_session = load_session(exported_decoder)
+    feeds = calib.feeds_for_inputs(calib.input_specs(cpu_session), ids)
+    cpu = cpu_session.run(None, feeds)[0]
+    gpu_session = SplitSession(exported_decoder, device="cuda", shared_arena=shared_arena)
+    gpu = gpu_session.run(None, feeds)[0]
+    np.testing.assert_allclose(gpu, cpu, rtol=0.05, atol=0.05 * np.abs(cpu).max())
+    np.testing.assert_array_equal(gpu_session.run(None, feeds)[0], gpu)

@@ -5,6 +5,8 @@
 # both fused kernels, and the op benchmark. Logs go to ${OUT:-gpu-verify-logs}.
 # onnxruntime-gpu is optional: with only the CPU onnxruntime, the SplitSession tests skip and
 # the benchmark's ORT columns read n/a (its MatMul column is then CuPy's).
+# With TORQ_VERIFY_MODEL=OUT/model.onnx (an export) and onnxruntime-gpu, it also measures the
+# split runner against the whole graph on the CUDA EP (tools/bench_split.py --device cuda).
 # Run from the repository root: bash tools/gpu_verify.sh [--quick]
 set -uo pipefail
 out=${OUT:-gpu-verify-logs}
@@ -34,4 +36,11 @@ else
     echo "compute-sanitizer not found: sanitizer runs skipped" | tee "$out/sanitizer_skipped.txt"
 fi
 python3 tools/bench_ops.py --cuda-only "$@" 2>&1 | tee "$out/bench_ops.txt" || status=1
+if [ -n "${TORQ_VERIFY_MODEL:-}" ]; then
+    if python3 -c "import onnxruntime as o; raise SystemExit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+        python3 tools/bench_split.py "$TORQ_VERIFY_MODEL" --device cuda 2>&1 | tee "$out/bench_split.txt" || status=1
+    else
+        echo "onnxruntime has no CUDAExecutionProvider: the split-runner benchmark is skipped" | tee "$out/bench_split.txt"
+    fi
+fi
 exit $status
