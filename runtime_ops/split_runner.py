@@ -18,6 +18,7 @@ live in one process, their thread pools do not spin and, on CPU, they share one 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -149,14 +150,20 @@ class SplitSession:
     on CPU, where it is measured; off on CUDA, where it has not run yet);
     ``recompute=False`` cuts in exported order without recomputing constant and shape
     values per segment (the baseline :mod:`~torq_onnx.runtime_ops.segments` improves on).
+    ``io_binding=True`` runs CPU segments the CUDA way too (IOBinding, OrtValues between
+    segments, kernel outputs bound by pointer), so CPU tests cover that code path.
     """
 
     def __init__(self, path_or_model, kernel: Kernel | None = None, device: str = "cpu", sess_options=None, device_id: int = 0,
-                 cuda_options: dict | None = None, recompute: bool = True, shared_arena: bool | None = None) -> None:
+                 cuda_options: dict | None = None, recompute: bool = True, shared_arena: bool | None = None,
+                 io_binding: bool | None = None) -> None:
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
             raise TorqError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        if device == "cuda" and io_binding is False:
+            raise TorqError("device='cuda' runs with IOBinding: io_binding=False is for CPU only")
+        self.io_binding = device == "cuda" if io_binding is None else io_binding
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
         self.device, self.device_id = device, device_id
         self.parts = split_model(model, recompute=recompute)
@@ -205,18 +212,23 @@ class SplitSession:
                 later.add(part.x)
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
-        if self.device == "cpu":
+        if not self.io_binding:
             return self._forward(output_names, dict(feeds))
-        with self.stream:  # CuPy launches go to the stream ORT runs on
+        # on CUDA, CuPy launches go to the stream ORT runs on
+        with self.stream if self.device == "cuda" else contextlib.nullcontext():
             values = {k: self._to_device(v) for k, v in feeds.items()}
-            device_outs = self._forward(output_names, values)
-            self.stream.synchronize()  # the one wait per forward pass
-            return [_to_host(v) for v in device_outs]
+            bound_outs = self._forward(output_names, values)
+            if self.device == "cuda":
+                self.stream.synchronize()  # the one wait per forward pass
+            return [_to_host(v) for v in bound_outs]
 
     def _forward(self, output_names: list[str] | None, values: dict) -> list:
         for part in self.parts:
             if isinstance(part, OnlineOp):
-                values[part.y] = self.kernel(values[part.x], part)
+                x = values[part.x]
+                if self.device == "cpu" and hasattr(x, "data_ptr"):  # a bound CPU run: kernels take numpy
+                    x = x.numpy()
+                values[part.y] = self.kernel(x, part)
                 continue
             outs = self._run_segment(part, values)
             values.update(zip(part.outputs, outs))
@@ -225,28 +237,33 @@ class SplitSession:
         return [values[n] for n in (output_names or self.outputs)]
 
     def _run_segment(self, seg: Segment, values: dict) -> list:
-        if self.device == "cpu":
+        if not self.io_binding:
             return seg.session.run(seg.outputs, {k: values[k] for k in seg.inputs})
         binding = seg.session.io_binding()
         for k in seg.inputs:
             v = values[k]
             if hasattr(v, "data_ptr"):  # an OrtValue from an earlier segment or the feeds
                 binding.bind_ortvalue_input(k, v)
-            else:  # a CuPy array from the kernel, bound by pointer (it stays alive in `values`)
-                binding.bind_input(k, "cuda", self.device_id, v.dtype.type, list(v.shape), v.data.ptr)
+            else:  # a kernel output (CuPy, or numpy on CPU), bound by pointer; `values` keeps it alive
+                if self.device == "cpu":
+                    values[k] = v = np.ascontiguousarray(v)
+                ptr = v.data.ptr if self.device == "cuda" else v.ctypes.data
+                binding.bind_input(k, self.device, self.device_id, v.dtype.type, list(v.shape), ptr)
         for k in seg.outputs:
-            binding.bind_output(k, "cuda", self.device_id)
+            binding.bind_output(k, self.device, self.device_id)
         seg.session.run_with_iobinding(binding, self._run_options)
         return binding.get_outputs()
 
     def _to_device(self, array: np.ndarray):
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", self.device_id)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
 
 def _to_host(value) -> np.ndarray:
-    return value.get() if hasattr(value, "get") else value.numpy()
+    if hasattr(value, "get"):  # CuPy
+        return value.get()
+    return value.numpy() if hasattr(value, "data_ptr") else np.asarray(value)
 
 
 def _cupy_view(value):

@@ -22,6 +22,10 @@ def check_split_matches_whole(path, feeds: dict) -> None:
     whole = load_session(path).run(None, feeds)[0]
     exact = SplitSession(path, kernel=ort_function_kernel()).run(None, feeds)[0]
     np.testing.assert_array_equal(exact, whole)  # same op arithmetic: bit-identical logits
+    # the CUDA route's binding code (OrtValues between segments, kernel outputs by pointer)
+    bound = SplitSession(path, kernel=ort_function_kernel(), io_binding=True)
+    np.testing.assert_array_equal(bound.run(None, feeds)[0], whole)
+    np.testing.assert_array_equal(bound.run(None, feeds)[0], whole)  # nothing freed too early
     ref = SplitSession(path, kernel=numpy_kernel).run(None, feeds)[0]
     np.testing.assert_allclose(ref, whole, rtol=1e-3, atol=1e-3 * np.abs(whole).max())
 
