@@ -57,7 +57,7 @@ class OnlineOp:
 class Segment:
     """A run of ordinary nodes as its own ONNX model."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None once SplitSession has built the session (which holds the weights)
     inputs: list[str]
     outputs: list[str]
     session: object = None  # the ORT session, created by SplitSession
