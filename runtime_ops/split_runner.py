@@ -61,14 +61,15 @@ def share_arena(device: str = "cpu", device_id: int = 0) -> None:
                                              {"device_id": str(device_id)}, ort.OrtArenaCfg({}))
 
 
-def many_session_options(sess_options=None, shared_arena: bool = True):
+def many_session_options(sess_options=None, shared_arena: bool = True, device: str = "cpu", device_id: int = 0):
     """``register``'s options for one of the many small sessions a split run keeps.
 
     Each ORT session owns a thread pool whose idle workers spin for new work after every
     run; with a session per segment and per op, hundreds of spinning workers take the cores
     from the one that is working (see ``tools/bench_split.py``). So spinning is off unless
     ``sess_options`` sets it; idle workers then sleep and cost nothing. With
-    ``shared_arena`` the sessions allocate from the environment's arena (:func:`share_arena`).
+    ``shared_arena`` the sessions allocate from the environment's arena for ``device``,
+    registered here (:func:`share_arena`).
     """
     from torq_onnx.runtime_ops import register
 
@@ -76,6 +77,7 @@ def many_session_options(sess_options=None, shared_arena: bool = True):
     for key in SPINNING_KEYS:
         _set_unless_set(opts, key, "0")
     if shared_arena:
+        share_arena(device, device_id)
         _set_unless_set(opts, USE_ENV_ALLOCATORS, "1")
     return opts
 
@@ -87,14 +89,15 @@ def numpy_kernel(x: np.ndarray, op: OnlineOp) -> np.ndarray:
     return rotate_quantize(x, op.r_inter, op.r_intra, op.scale_rule)
 
 
-def ort_function_kernel(sess_options=None) -> Kernel:
+def ort_function_kernel(sess_options=None, shared_arena: bool = True) -> Kernel:
     """The op's own ONNX function in a one-node CPU session per site: the same arithmetic as
     the whole-graph session, so a split run with it is bit-identical to the unsplit one.
-    ``sess_options`` as for :func:`many_session_options`."""
+    ``sess_options`` and ``shared_arena`` as for :func:`many_session_options`."""
     import onnxruntime as ort
 
     from torq_onnx.runtime_ops.functions import attach_functions, make_rotate_quantize_node
 
+    options = many_session_options(sess_options, shared_arena)
     sessions: dict[int, object] = {}
 
     def run(x: np.ndarray, op: OnlineOp) -> np.ndarray:
@@ -105,9 +108,7 @@ def ort_function_kernel(sess_options=None) -> Kernel:
                                   [numpy_helper.from_array(op.r_inter.astype(np.float32), "ri"), numpy_helper.from_array(op.r_intra.astype(np.float32), "rk")])
             m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=IR_VERSION)
             attach_functions(m)
-            share_arena("cpu")
-            sessions[id(op)] = ort.InferenceSession(m.SerializeToString(), sess_options=many_session_options(sess_options),
-                                                    providers=["CPUExecutionProvider"])
+            sessions[id(op)] = ort.InferenceSession(m.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
         return sessions[id(op)].run(None, {"x": x})[0]
 
     return run
@@ -184,9 +185,7 @@ class SplitSession:
         else:
             providers = ["CPUExecutionProvider"]
         shared_arena = device == "cpu" if shared_arena is None else shared_arena
-        if shared_arena:
-            share_arena(device, device_id)
-        options = many_session_options(sess_options, shared_arena)
+        options = many_session_options(sess_options, shared_arena, device, device_id)
         for part in self.parts:
             if isinstance(part, Segment):
                 part.session = ort.InferenceSession(part.model.SerializeToString(), sess_options=options, providers=providers)

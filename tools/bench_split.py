@@ -53,13 +53,9 @@ def build(row: str, path: str, device: str):
     opts = ort.SessionOptions()
     for key in SPINNING_KEYS:
         opts.add_session_config_entry(key, "1" if spinning else "0")
-    if device == "cuda":
-        return SplitSession(path, device="cuda", sess_options=opts, recompute=recompute, shared_arena=shared)
-    kernel_opts = ort.SessionOptions()  # the op's one-node sessions: like the segments
-    for key in SPINNING_KEYS:
-        kernel_opts.add_session_config_entry(key, "1" if spinning else "0")
-    kernel_opts.add_session_config_entry("session.use_env_allocators", "1" if shared else "0")
-    return SplitSession(path, kernel=ort_function_kernel(kernel_opts), sess_options=opts, recompute=recompute, shared_arena=shared)
+    # on CPU the op's one-node sessions are set up like the segments
+    kernel = None if device == "cuda" else ort_function_kernel(opts, shared)
+    return SplitSession(path, kernel=kernel, device=device, sess_options=opts, recompute=recompute, shared_arena=shared)
 
 
 def measure(row: str, path: str, device: str, tokens: int, passes: int, logits_file: str) -> dict:

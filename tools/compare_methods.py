@@ -149,8 +149,9 @@ def variants_from(args, methods: list[str]) -> list[tuple[str, str, dict]]:
     return variants
 
 
-def run_seed(args, src, tokenizer, scorer, seed: int | None, variants, modes) -> tuple[list[dict], float, int]:
-    """Calibrate once (windows drawn by ``seed``), then export and score every variant x mode."""
+def run_seed(args, src, tokenizer, tokenizer_files: Path, scorer, seed: int | None, variants, modes) -> tuple[list[dict], float, int]:
+    """Calibrate once (windows drawn by ``seed``), then export and score every variant x mode
+    (``tokenizer_files``: the saved tokenizer each output gets a copy of)."""
     opts = pipeline.ExportOptions(calib_samples=args.calib_samples, seq_len=args.seq_len, calib_sample_seed=seed,
                                   collect_hessian=True, reservoir_tokens=2048)  # one calibration serves every method
     base = pipeline.load_ir(src.onnx_path)
@@ -172,7 +173,7 @@ def run_seed(args, src, tokenizer, scorer, seed: int | None, variants, modes) ->
             ctx = calibrated.calibrated_copy()
             pipeline.transform(model_ir, ctx, o)
             report = pipeline.build_report(ctx, o, {"calibration_shared": t_calib}, args.model)
-            out = pipeline.write_output(model_ir, args.out / f"{name}-{mode}-s{seed}", args.tokenizer_files, report, o)
+            out = pipeline.write_output(model_ir, args.out / f"{name}-{mode}-s{seed}", tokenizer_files, report, o)
             t_export = time.perf_counter() - t2
             del model_ir
             metrics = scorer(out)
@@ -244,13 +245,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="torq-compare-") as tok_files:
             tokenizer = models.load_tokenizer(src.tokenizer_dir)
             tokenizer.save_pretrained(tok_files)
-            args.tokenizer_files = Path(tok_files)
             scorer = scorer_for(src.onnx_path, tokenizer, args)
             float_row = {**scorer(src.onnx_path), "export_s": t_hf, "size_mb": src.onnx_path.stat().st_size / 2**20}
             print("float: " + " ".join(f"{k} {float_row[k]:{f}}" for k, f in zip(scorer.keys, scorer.formats)), flush=True)
             calib_s = []
             for seed in seeds:
-                seed_rows, t_calib, n_windows = run_seed(args, src, tokenizer, scorer, seed, variants, modes)
+                seed_rows, t_calib, n_windows = run_seed(args, src, tokenizer, Path(tok_files), scorer, seed, variants, modes)
                 rows += seed_rows
                 calib_s.append(t_calib)
     finally:
