@@ -1,8 +1,10 @@
-"""The CUDA sources compile (sm_75, sm_80, sm_90) and their per-block arithmetic, built for the host
-with nvcc, is bit-exact to the numpy MXFP4 reference. Needs nvcc, not a GPU."""
+"""The CUDA sources compile (sm_75, sm_80, sm_90), the fused kernels keep their arrays in registers
+and load 16 bytes a lane, and their per-block arithmetic, built for the host with nvcc, is
+bit-exact to the numpy MXFP4 reference. Needs nvcc, not a GPU."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,6 +33,35 @@ def nvcc(*args: str) -> None:
 def test_cuda_sources_compile_without_warnings(tmp_path, source, arch):
     nvcc("-cubin", f"-arch={arch}", "-o", str(tmp_path / "out.cubin"), str(SRC / source))
     assert (tmp_path / "out.cubin").stat().st_size > 0
+
+
+def ptxas_resources(arch: str, tmp_path: Path) -> dict[str, dict[str, int]]:
+    """ptxas's per-kernel resource report for mxfp4_quant.cu: registers, stack frame, spills."""
+    res = subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-I{SRC}", "-o", str(tmp_path / "k.cubin"),
+                          str(SRC / "mxfp4_quant.cu")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = {}
+    for name, frame, stores, loads, regs in re.findall(
+            r"Function properties for (\w+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+            r"\s+ptxas info\s+: Used (\d+) registers", res.stdout + res.stderr):
+        report[name] = {"stack": int(frame), "spill_stores": int(stores), "spill_loads": int(loads), "registers": int(regs)}
+    return report
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch):
+    """What the fused kernels' bandwidth rests on, checked without a GPU: the 32-element arrays a
+    thread keeps (inputs, outputs, a column of R_b) stay in registers (no stack frame, no
+    spills, no local memory), and x is read with 16-byte vector loads."""
+    report = ptxas_resources(arch, tmp_path)
+    ptx = subprocess.run([NVCC, "-ptx", f"-arch={arch}", f"-I{SRC}", "-o", "-", str(SRC / "mxfp4_quant.cu")],
+                         capture_output=True, text=True, timeout=300).stdout
+    bodies = dict(re.findall(r"\.entry (\w+)\((.*?)\n}", ptx, flags=re.S))
+    for kernel in ("torq_block_rotate_quant", "torq_block_rotate_quant_warp"):
+        r = report[kernel]
+        assert (r["stack"], r["spill_stores"], r["spill_loads"]) == (0, 0, 0), (kernel, r)
+        assert ".local" not in bodies[kernel]
+        assert "ld.global.nc.v4.f32" in bodies[kernel]
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,17 @@
 """The CUDA kernels' thread mapping, run on the CPU: runtime_ops/mxfp4_quant.cu compiled
 unchanged by g++ against a host emulator of CUDA threads, barriers and warp collectives
 (tests/simt/simt_host.h), launched with the shapes runtime_ops/cuda.py uses. Checks indexing,
-tails, shared-memory tiles and warp reductions bit-exact against the numpy reference; the
-memory system and speed stay GPU-only (pytest -m gpu, tools/bench_ops.py)."""
+tails, shared-memory tiles and warp reductions bit-exact against the numpy reference, and,
+in a ThreadSanitizer build, that no two threads touch the same memory unordered by a barrier
+(a data race the GPU might or might not expose); speed stays GPU-only (pytest -m gpu,
+tools/bench_ops.py)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,20 +25,48 @@ from torq_onnx.runtime_ops import reference as ref
 from test_runtime_ops import adversarial, same
 
 SIMT = Path(__file__).with_name("simt")
+KERNELS = Path(F.__file__).parent  # runtime_ops/: mxfp4_quant.cu and mxfp4_math.cuh
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
+TSAN = ["-fsanitize=thread", "-g"]
 
 
-@pytest.fixture(scope="module", params=["redux", "shuffle"])
-def harness(request, tmp_path_factory) -> Path:
-    """The harness, with the warp max as on sm_80+ (redux.sync) or as before sm_80 (shuffles)."""
-    exe = tmp_path_factory.mktemp("simt") / "kernel_harness"
+def build_harness(exe: Path, *flags: str, kernel_dir: Path = KERNELS) -> Path:
+    """kernel_harness.cpp with mxfp4_quant.cu taken from kernel_dir (a mutated copy in the
+    race-checker tests) and mxfp4_math.cuh from runtime_ops/."""
     cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-           *(["-DTORQ_SHUFFLE_MAX"] if request.param == "shuffle" else []),
-           "-include", str(SIMT / "simt_host.h"), f"-I{Path(F.__file__).parent}", "-o", str(exe), str(SIMT / "kernel_harness.cpp")]
+           *flags, "-include", str(SIMT / "simt_host.h"), f"-I{kernel_dir}", f"-I{KERNELS}",
+           "-o", str(exe), str(SIMT / "kernel_harness.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return exe
+
+
+def thread_sanitizer_missing() -> str | None:
+    """Why a ThreadSanitizer build cannot run here, or None when it can."""
+    if CXX is None:
+        return "no g++"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp, "probe.cpp"), Path(tmp, "probe")
+        src.write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
+        res = subprocess.run([CXX, "-std=c++20", *TSAN, "-o", str(exe), str(src)], capture_output=True, text=True)
+        if res.returncode != 0:
+            return f"g++ cannot build with -fsanitize=thread: {res.stderr.strip()[-300:]}"
+        res = subprocess.run([str(exe)], capture_output=True, text=True)
+        return f"a ThreadSanitizer program does not run here: {res.stderr.strip()[-300:]}" if res.returncode else None
+
+
+NO_TSAN = thread_sanitizer_missing()
+
+
+@pytest.fixture(scope="module", params=["redux", "shuffle", "tsan"])
+def harness(request, tmp_path_factory) -> Path:
+    """The harness, with the warp max as on sm_80+ (redux.sync) or as before sm_80 (shuffles),
+    and the redux build again under ThreadSanitizer, where any data race fails the run."""
+    if request.param == "tsan" and NO_TSAN:
+        pytest.skip(NO_TSAN)
+    flags = {"redux": [], "shuffle": ["-DTORQ_SHUFFLE_MAX"], "tsan": TSAN}[request.param]
+    return build_harness(tmp_path_factory.mktemp("simt") / "kernel_harness", *flags)
 
 
 def run(harness: Path, args: list, data: bytes, n_out: int) -> np.ndarray:
@@ -55,11 +87,16 @@ def rotate_quant(harness: Path, kernel: str, x: np.ndarray, r_intra: np.ndarray,
                  spec: cuda.RotateKernel | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(y, z) of one fused-kernel launch, shaped as cuda.block_rotate_quantize launches it."""
     spec = spec or cuda.ROTATE_KERNELS[kernel]
+    out = run(harness, rotate_args(spec, x, r_intra, rule), x.tobytes() + np.ascontiguousarray(r_intra, np.float32).tobytes(),
+              2 * x.size)
+    return out[: x.size].reshape(x.shape), out[x.size:].reshape(x.shape)
+
+
+def rotate_args(spec: cuda.RotateKernel, x: np.ndarray, r_intra: np.ndarray, rule: str) -> list:
+    """The harness's command line for one fused-kernel launch on x, with cuda.py's grid."""
     rows, n_blocks = x.shape[0], x.shape[1] // 32
     [(_, _, (gx, gy))] = cuda.rotate_launches(spec, rows, n_blocks)
-    args = [spec.name, gx, gy, spec.threads, rows, n_blocks, 1024 if r_intra.ndim == 3 else 0, repr(F.bump_threshold(rule))]
-    out = run(harness, args, x.tobytes() + np.ascontiguousarray(r_intra, np.float32).tobytes(), 2 * x.size)
-    return out[: x.size].reshape(x.shape), out[x.size:].reshape(x.shape)
+    return [spec.name, gx, gy, spec.threads, rows, n_blocks, 1024 if r_intra.ndim == 3 else 0, repr(F.bump_threshold(rule))]
 
 
 @pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
@@ -110,3 +147,41 @@ def test_a_wrong_launch_shape_is_caught(harness):
     y, _ = rotate_quant(harness, "warp", x, np.eye(32, dtype=np.float32), spec=narrow)
     want = ref.quantize_rotated(x, np.float32)
     assert same(y[:, :256], want[:, :256]) and not same(y[:, 256:], want[:, 256:])
+
+
+# The barriers the fused kernels need, each as its exact line in mxfp4_quant.cu, and the kernel
+# whose shared memory it orders. The first __syncwarp is reported only because the emulator
+# does not let the warp collectives between a step's reads and the next step's store order
+# memory (CUDA promises that of __syncwarp, not of a shuffle or redux).
+BARRIERS = {
+    "thread kernel: R_b staged before use": ("torq_block_rotate_quant", "rs", "    __syncthreads();\n"),
+    "warp kernel: tile read before it is overwritten": (
+        "torq_block_rotate_quant_warp", "tile",
+        "        __syncwarp();  // every lane has finished reading the previous step's tile\n"),
+    "warp kernel: tile stored before it is read": (
+        "torq_block_rotate_quant_warp", "tile", "        tile[warp][lane] = next;\n        __syncwarp();\n"),
+}
+
+
+@pytest.mark.skipif(NO_TSAN is not None, reason=str(NO_TSAN))
+@pytest.mark.parametrize("barrier", sorted(BARRIERS))
+def test_race_checker_reports_a_missing_barrier(barrier, tmp_path):
+    """The ThreadSanitizer build can fail: with one barrier deleted from the kernel source, the
+    race on that kernel's shared memory is reported (and the run fails) although the output
+    may still come out right on the host."""
+    kernel, array, line = BARRIERS[barrier]
+    source = (KERNELS / "mxfp4_quant.cu").read_text()
+    assert source.count(line) == 1, f"the barrier line is no longer in mxfp4_quant.cu: {line!r}"
+    without = re.sub(r"__sync(threads|warp)\(\);.*", "", line)  # the barrier call and its comment
+    assert without != line
+    (tmp_path / "mxfp4_quant.cu").write_text(source.replace(line, without))
+    exe = build_harness(tmp_path / "kernel_harness", *TSAN, kernel_dir=tmp_path)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((133, 32 * 5)).astype(np.float32)
+    r = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
+    [spec] = [k for k in cuda.ROTATE_KERNELS.values() if k.name == kernel]
+    res = subprocess.run([str(exe), *map(str, rotate_args(spec, x, r, "floor"))], input=x.tobytes() + r.tobytes(),
+                         capture_output=True, timeout=300)
+    report = res.stderr.decode()
+    assert res.returncode != 0 and "ThreadSanitizer: data race" in report, report[-2000:]
+    assert f"::{array}" in report, report[-2000:]  # the race is on that kernel's shared array

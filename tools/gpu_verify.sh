@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks in one command, for a machine with a GPU, CuPy and nvcc and no network:
-# installs this checkout without dependencies, runs the GPU tests, compute-sanitizer's memcheck
-# and racecheck (shared-memory hazards, which the host emulator in tests/simt cannot see) on
-# both fused kernels, and the op benchmark. Logs go to ${OUT:-gpu-verify-logs}.
+# installs this checkout without dependencies, runs the GPU tests, compute-sanitizer's memcheck,
+# racecheck (shared-memory hazards on the GPU itself; tests/simt checks the same kernels for
+# races under ThreadSanitizer on the host) and synccheck on both fused kernels, and the op
+# benchmark. Logs go to ${OUT:-gpu-verify-logs}.
 # onnxruntime-gpu is optional: with only the CPU onnxruntime, the SplitSession tests skip and
 # the benchmark's ORT columns read n/a (its MatMul column is then CuPy's).
 # With TORQ_VERIFY_MODEL=OUT/model.onnx (an export) and onnxruntime-gpu, it also measures the
@@ -28,7 +29,7 @@ ys = [cuda.block_rotate_quantize(x, r, kernel=k).get() for k in cuda.ROTATE_KERN
 assert all(np.array_equal(y, ys[0]) for y in ys), "the fused kernels disagree"
 print("sanitizer case ran", sorted(cuda.ROTATE_KERNELS))'
 if command -v compute-sanitizer >/dev/null; then
-    for tool in memcheck racecheck; do
+    for tool in memcheck racecheck synccheck; do
         timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -c "$case" >"$out/sanitizer_$tool.log" 2>&1 || status=1
         echo "compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|sanitizer case|Error' "$out/sanitizer_$tool.log" | tr '\n' ' ')"
     done
