@@ -72,28 +72,39 @@ def available() -> bool:
         return False
 
 
+def nvrtc_options(arch: str) -> tuple[str, ...]:
+    """The NVRTC options the kernels are built with, for ``arch`` such as ``"sm_90"``.
+
+    No flush-to-zero: CuPy appends ``-ftz=true`` to every compilation it makes itself, and
+    flushing subnormals to zero breaks the bit-exact contract (blocks with the minimum E8M0
+    scale 2^-127 quantize to subnormals), so NVRTC is called directly."""
+    return ("--std=c++14", "-ftz=false", "--prec-div=true", "--prec-sqrt=true", f"-I{_KERNEL_SRC.parent}",
+            f"--gpu-architecture={arch}")
+
+
+def compile_cubin(arch: str, nvrtc, source: Path = _KERNEL_SRC) -> tuple[bytes, str]:
+    """(cubin, NVRTC's log) of the kernels (mxfp4_quant.cu) for ``arch``. ``nvrtc`` is CuPy's
+    ``cupy.cuda.nvrtc`` at run time, or any module with its ``createProgram``,
+    ``compileProgram``, ``getCUBIN``, ``getProgramLog``, ``destroyProgram`` and ``NVRTCError``
+    (the tests bind libnvrtc with ctypes, which needs no GPU)."""
+    prog = nvrtc.createProgram(source.read_text(), source.name, (), ())
+    try:
+        nvrtc.compileProgram(prog, nvrtc_options(arch))
+        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+    except nvrtc.NVRTCError as exc:
+        raise RuntimeError(f"NVRTC could not compile {source.name}: {exc}\n{nvrtc.getProgramLog(prog)}") from exc
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
 @functools.lru_cache(maxsize=None)
 def _module(device_id: int):
-    """The kernels compiled with NVRTC for this GPU's architecture, loaded as a RawModule.
-
-    NVRTC is called directly rather than through ``cp.RawModule(code=...)`` because CuPy
-    appends ``-ftz=true`` to every compilation, and flushing subnormals to zero breaks the
-    bit-exact contract (blocks with the minimum E8M0 scale 2^-127 quantize to subnormals).
-    """
+    """The kernels compiled with NVRTC for this GPU's architecture, loaded as a RawModule."""
     import cupy as cp
     from cupy.cuda import nvrtc
 
     major, minor = cp.cuda.Device(device_id).compute_capability
-    prog = nvrtc.createProgram(_KERNEL_SRC.read_text(), _KERNEL_SRC.name, (), ())
-    options = ("--std=c++14", "-ftz=false", "--prec-div=true", "--prec-sqrt=true", f"-I{_KERNEL_SRC.parent}",
-               f"--gpu-architecture=sm_{major}{minor}")
-    try:
-        nvrtc.compileProgram(prog, options)
-        cubin = nvrtc.getCUBIN(prog)
-    except nvrtc.NVRTCError as exc:
-        raise RuntimeError(f"NVRTC could not compile {_KERNEL_SRC.name}: {exc}\n{nvrtc.getProgramLog(prog)}") from exc
-    finally:
-        nvrtc.destroyProgram(prog)
+    cubin, _ = compile_cubin(f"sm_{major}{minor}", nvrtc)
     cache = Path(tempfile.mkdtemp(prefix="torq_cuda_")) / f"mxfp4_quant_sm{major}{minor}.cubin"
     cache.write_bytes(cubin)
     return cp.RawModule(path=str(cache))
