@@ -165,7 +165,7 @@ def split_model(model: onnx.ModelProto, recompute: bool = True) -> list[Segment 
 
     # one backward sweep: drop nodes nothing later reads, and note what each group must output
     live = {o.name for o in graph.output}
-    needed_after: list[set[str]] = [set()] * len(groups)
+    needed_after: list[set[str]] = [set() for _ in groups]
     for k in range(len(groups) - 1, -1, -1):
         group = groups[k]
         needed_after[k] = set(live)

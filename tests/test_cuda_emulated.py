@@ -149,17 +149,17 @@ def test_a_wrong_launch_shape_is_caught(harness):
     assert same(y[:, :256], want[:, :256]) and not same(y[:, 256:], want[:, 256:])
 
 
-# The barriers the fused kernels need, each as its exact line in mxfp4_quant.cu, and the kernel
-# whose shared memory it orders. The first __syncwarp is reported only because the emulator
+# The barriers the fused kernels need, each as its exact line in mxfp4_quant.cu, with the kernel
+# (a key of cuda.ROTATE_KERNELS) and the shared array it orders. The first __syncwarp is reported only because the emulator
 # does not let the warp collectives between a step's reads and the next step's store order
 # memory (CUDA promises that of __syncwarp, not of a shuffle or redux).
 BARRIERS = {
-    "thread kernel: R_b staged before use": ("torq_block_rotate_quant", "rs", "    __syncthreads();\n"),
+    "thread kernel: R_b staged before use": ("thread", "rs", "    __syncthreads();\n"),
     "warp kernel: tile read before it is overwritten": (
-        "torq_block_rotate_quant_warp", "tile",
+        "warp", "tile",
         "        __syncwarp();  // every lane has finished reading the previous step's tile\n"),
     "warp kernel: tile stored before it is read": (
-        "torq_block_rotate_quant_warp", "tile", "        tile[warp][lane] = next;\n        __syncwarp();\n"),
+        "warp", "tile", "        tile[warp][lane] = next;\n        __syncwarp();\n"),
 }
 
 
@@ -179,8 +179,7 @@ def test_race_checker_reports_a_missing_barrier(barrier, tmp_path):
     rng = np.random.default_rng(10)
     x = rng.standard_normal((133, 32 * 5)).astype(np.float32)
     r = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
-    [spec] = [k for k in cuda.ROTATE_KERNELS.values() if k.name == kernel]
-    res = subprocess.run([str(exe), *map(str, rotate_args(spec, x, r, "floor"))], input=x.tobytes() + r.tobytes(),
+    res = subprocess.run([str(exe), *map(str, rotate_args(cuda.ROTATE_KERNELS[kernel], x, r, "floor"))], input=x.tobytes() + r.tobytes(),
                          capture_output=True, timeout=300)
     report = res.stderr.decode()
     assert res.returncode != 0 and "ThreadSanitizer: data race" in report, report[-2000:]

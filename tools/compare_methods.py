@@ -149,13 +149,14 @@ def variants_from(args, methods: list[str]) -> list[tuple[str, str, dict]]:
     return variants
 
 
-def run_seed(args, src, tokenizer, tokenizer_files: Path, scorer, seed: int | None, variants, modes) -> tuple[list[dict], float, int]:
-    """Calibrate once (windows drawn by ``seed``), then export and score every variant x mode
-    (``tokenizer_files``: the saved tokenizer each output gets a copy of)."""
+def run_seed(args, src, calib_ids: np.ndarray, tokenizer_files: Path, scorer, seed: int | None, variants,
+             modes) -> tuple[list[dict], float, int]:
+    """Calibrate once (windows of ``calib_ids`` drawn by ``seed``), then export and score every
+    variant x mode (``tokenizer_files``: the saved tokenizer each output gets a copy of)."""
     opts = pipeline.ExportOptions(calib_samples=args.calib_samples, seq_len=args.seq_len, calib_sample_seed=seed,
                                   collect_hessian=True, reservoir_tokens=2048)  # one calibration serves every method
     base = pipeline.load_ir(src.onnx_path)
-    batches = pipeline.calibration_windows(base, calib.tokenize(tokenizer, pipeline.calibration_text(args.text)), opts)
+    batches = pipeline.calibration_windows(base, calib_ids, opts)
     t1 = time.perf_counter()
     calibrated = pipeline.calibrate(base, batches, opts, len(batches))
     t_calib = time.perf_counter() - t1
@@ -246,11 +247,12 @@ def main() -> None:
             tokenizer = models.load_tokenizer(src.tokenizer_dir)
             tokenizer.save_pretrained(tok_files)
             scorer = scorer_for(src.onnx_path, tokenizer, args)
+            calib_ids = calib.tokenize(tokenizer, pipeline.calibration_text(args.text))  # once: every seed draws from it
             float_row = {**scorer(src.onnx_path), "export_s": t_hf, "size_mb": src.onnx_path.stat().st_size / 2**20}
             print("float: " + " ".join(f"{k} {float_row[k]:{f}}" for k, f in zip(scorer.keys, scorer.formats)), flush=True)
             calib_s = []
             for seed in seeds:
-                seed_rows, t_calib, n_windows = run_seed(args, src, tokenizer, Path(tok_files), scorer, seed, variants, modes)
+                seed_rows, t_calib, n_windows = run_seed(args, src, calib_ids, Path(tok_files), scorer, seed, variants, modes)
                 rows += seed_rows
                 calib_s.append(t_calib)
     finally:
