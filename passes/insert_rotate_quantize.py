@@ -9,7 +9,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 from torq_onnx import mxfp4
 from torq_onnx.passes.context import ExportContext, add_initializer, node_by_name
 from torq_onnx.runtime_ops import DOMAIN, ROTATE_QUANTIZE
-from torq_onnx.runtime_ops.functions import ROTATE, bump_threshold
+from torq_onnx.runtime_ops.functions import ROTATE, bump_threshold, op_r_inter
 
 
 class InsertRotateQuantize(InPlacePass):
@@ -35,7 +35,7 @@ class InsertRotateQuantize(InPlacePass):
             x = consumers[0].inputs[0]
             inits = [
                 add_initializer(graph, f"torq_site{i}_{tag}", mat.astype(np.float32))
-                for tag, mat in (("r_inter", site.rotation.r_inter), ("r_intra", site.rotation.r_intra))
+                for tag, mat in (("r_inter", op_r_inter(site.rotation.r_inter)), ("r_intra", site.rotation.r_intra))
             ]
             if self.quantize:
                 node = ir.node(ROTATE_QUANTIZE, [x, *inits], {"bump_threshold": bump_threshold(self.scale_rule)}, domain=DOMAIN, name=f"torq_site{i}")

@@ -155,7 +155,8 @@ def block_rotate_quantize(x, r_intra, scale_rule: str = "floor", rotated_out=Non
 
 class RotateQuantizer:
     """One TorqRotateQuantize op with its matrices on the GPU: ``y = MXFP4(R_inter X R_intra)``
-    per token. An identity ``R_inter`` (wush, brq) is skipped; any other is one batched GEMM."""
+    per token. An identity ``R_inter`` ([[1]] as exported for wush and brq, or eye(B)) is
+    skipped; any other [G, G] is one batched GEMM over the G groups of each token."""
 
     def __init__(self, r_inter: np.ndarray, r_intra: np.ndarray, scale_rule: str = "floor",
                  kernel: str = DEFAULT_ROTATE_KERNEL) -> None:
@@ -174,8 +175,9 @@ class RotateQuantizer:
 
         xf = cp.ascontiguousarray(x, dtype=cp.float32)
         if self.r_inter is not None:
-            blocks = xf.reshape(-1, self.r_inter.shape[0], 32)
-            xf = cp.matmul(self.r_inter, blocks).reshape(xf.shape)
+            g = self.r_inter.shape[0]
+            groups = xf.reshape(-1, g, xf.shape[-1] // g)
+            xf = cp.matmul(self.r_inter, groups).reshape(xf.shape)
         y = block_rotate_quantize(xf, self.r_intra, self.scale_rule, rotated_out, self.kernel)
         return y.astype(x.dtype, copy=False)
 

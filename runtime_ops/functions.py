@@ -44,6 +44,17 @@ def scale_rule_of(threshold: float) -> str:
     raise ValueError(f"bump_threshold {threshold} encodes no known scale rule")
 
 
+def op_r_inter(r_inter: np.ndarray) -> np.ndarray:
+    """The ``R_inter`` an op node carries: ``[[1]]`` for the identity (no block mixing: wush,
+    brq), which every implementation reads as one group of the whole hidden axis
+    (:func:`torq_onnx.torq.apply_rotation`), skipping a [B, B] product per token (and a
+    [B, B] initializer per site); any other ``R_inter`` as it is."""
+    r_inter = np.asarray(r_inter)
+    if np.array_equal(r_inter, np.eye(r_inter.shape[0], dtype=r_inter.dtype)):
+        return np.ones((1, 1), r_inter.dtype)
+    return r_inter
+
+
 def _with_opset(fn: onnx.FunctionProto, opset: int) -> onnx.FunctionProto:
     """The body imports the model's own default opset (>= 18; the ops used have the same
     semantics in every later opset)."""
@@ -59,12 +70,14 @@ def rotate_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
 
 
 def rotate_quantize_function(opset: int = STD_OPSET) -> onnx.FunctionProto:
-    """``TorqRotateQuantize(x [..., D], r_inter [B, B], r_intra [32, 32] or [B, 32, 32]) -> y``.
+    """``TorqRotateQuantize(x [..., D], r_inter [B, B] or [1, 1], r_intra [32, 32] or [B, 32, 32]) -> y``.
 
     ``y = MXFP4(R_inter @ X @ R_intra)`` (x's dtype) with ``X = x.reshape(..., B, 32)`` and a
     per-block ``R_intra[b]`` applied to block ``b`` when it is 3-D (WUSH), computed in
-    float32. Attribute ``bump_threshold`` (float) encodes the scale rule (see
-    :func:`bump_threshold`); :func:`make_rotate_quantize_node` sets it from a rule name.
+    float32. ``r_inter`` [G, G] in general mixes G equal groups of the hidden axis; the
+    exporter writes ``[[1]]`` (no mixing) for an identity (:func:`op_r_inter`). Attribute
+    ``bump_threshold`` (float) encodes the scale rule (see :func:`bump_threshold`);
+    :func:`make_rotate_quantize_node` sets it from a rule name.
     """
     return _with_opset(op_bodies.TorqRotateQuantize.to_function_proto(), opset)
 

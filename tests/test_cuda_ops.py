@@ -47,8 +47,8 @@ def test_fused_kernel_with_identity_rotation_is_the_quantizer(rule, kernel):
 
 @pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
 @pytest.mark.parametrize("per_block", [False, True])
-@pytest.mark.parametrize("dense_inter", [False, True])
-def test_rotate_quantize_matches_the_reference(per_block, dense_inter, kernel):
+@pytest.mark.parametrize("inter", ["eye", "one", "groups", "dense"])
+def test_rotate_quantize_matches_the_reference(per_block, inter, kernel):
     """Rotation: float32 agreement with numpy (summation order differs); quantization:
     bit-exact on exactly the rotated values the kernel produced."""
     import cupy as cp
@@ -56,11 +56,12 @@ def test_rotate_quantize_matches_the_reference(per_block, dense_inter, kernel):
     rng = np.random.default_rng(2)
     d, n = 1024, 333  # rows not a multiple of the CTA size
     b = d // 32
-    r_inter = torq.solve_rotation("quarot", d, seed=0).r_inter if dense_inter else np.eye(b)
+    r_inter = {"eye": np.eye(b), "one": np.ones((1, 1)), "groups": np.linalg.qr(rng.standard_normal((4, 4)))[0],
+               "dense": torq.solve_rotation("quarot", d, seed=0).r_inter}[inter]
     r_intra = rng.standard_normal((b, 32, 32) if per_block else (32, 32)) / np.sqrt(32)
     x = (rng.standard_normal((n, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
     q = cuda.RotateQuantizer(r_inter, r_intra, kernel=kernel)
-    assert (q.r_inter is None) == (not dense_inter)
+    assert (q.r_inter is None) == (inter in ("eye", "one"))  # an identity is skipped
     z_gpu = cp.full(x.shape, cp.nan, dtype=cp.float32)  # poisoned: every element must be written
     y = q(cp.asarray(x), rotated_out=z_gpu).get()
     z = z_gpu.get()

@@ -16,7 +16,7 @@ from torq_onnx.errors import TorqError
 from torq_onnx.passes import save_atomic
 from torq_onnx.pipeline import ExportOptions, rewrite
 
-from tiny_models import D, VOCAB, batches, run, tiny_transformer
+from tiny_models import D, FF, VOCAB, batches, run, tiny_transformer
 
 
 def opts(**kw) -> ExportOptions:
@@ -92,6 +92,7 @@ def test_wush_graph_carries_per_block_transforms():
     inits = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
     for i, site in enumerate(ctx.sites):
         assert inits[f"torq_site{i}_r_intra"].shape == (site.blocks, 32, 32)
+        np.testing.assert_array_equal(inits[f"torq_site{i}_r_inter"], [[1.0]])  # identity: no [B, B] GEMM
         assert not site.rotation.orthogonal
 
 
@@ -197,11 +198,18 @@ def test_cli_help_lists_the_choices():
         assert choice in res.output
 
 
-def test_cli_inspect(tmp_path):
+@pytest.mark.parametrize("method", ["torq", "wush"])
+def test_cli_inspect(tmp_path, method):
     model = ir.serde.deserialize_model(tiny_transformer())
-    rewrite(model, batches(), opts(method="torq"))
+    rewrite(model, batches(), opts(method=method))
     path = save_atomic(model, tmp_path / "m")
-    res = CliRunner().invoke(app, ["inspect", str(path)])
+    res = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})  # no wrapped cells
     assert res.exit_code == 0, res.output
     assert "TorqRotateQuantize" in res.output and "torq.method" in res.output
+    row = next(line for line in res.output.splitlines() if "R_inter shapes" in line)
+    shapes = row.split("R_inter shapes")[1].strip(" │|")
+    if method == "wush":
+        assert shapes == "1x1 (identity)", row
+    else:  # torq: dense [B, B] factors of the sites' widths, nothing else (no weight scales)
+        assert "identity" not in shapes and set(shapes.split(", ")) <= {f"{b}x{b}" for b in (D // 32, FF // 32)}, row
 

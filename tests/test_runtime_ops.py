@@ -44,7 +44,7 @@ def op_model(d: int, rule: str, dtype=TensorProto.FLOAT, with_rotated: bool = Fa
     graph = helper.make_graph(
         nodes,
         "op",
-        [helper.make_tensor_value_info("x", dtype, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, [b, b]), helper.make_tensor_value_info("rk", TensorProto.FLOAT, rk_shape)],
+        [helper.make_tensor_value_info("x", dtype, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, ["g", "g"]), helper.make_tensor_value_info("rk", TensorProto.FLOAT, rk_shape)],
         outputs,
         inits if with_rotated else [],
     )
@@ -122,6 +122,45 @@ def test_per_block_transform_quantizer_is_bit_exact(rule):
     z_np = ref.rotate_f32(x[8:], feeds["ri"], rk)
     z_shared = ref.rotate_f32(x[8:], feeds["ri"], rk[0])
     assert np.allclose(z[8:], z_np, rtol=1e-4, atol=1e-4 * np.abs(z_np).max()) and not np.allclose(z_np, z_shared)
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+@pytest.mark.parametrize("per_block", [False, True])
+def test_identity_r_inter_as_one_group(rule, per_block):
+    """[[1]], which the exporter writes for an identity R_inter, gives what eye(B) gives on
+    finite tokens, and keeps a NaN/Inf in its own block (eye(B)'s GEMM spreads it over the
+    token: 0 * NaN is NaN), like the CUDA path, which skips an identity R_inter."""
+    d, b = 128, 4
+    rng = np.random.default_rng(17)
+    x = adversarial(rng, 300, d)
+    rk = np.linalg.qr(rng.standard_normal((b, 32, 32) if per_block else (32, 32)))[0].astype(np.float32)
+    np.testing.assert_array_equal(F.op_r_inter(np.eye(b, dtype=np.float32)), [[1.0]])
+    sess = op_model(d, rule, per_block=per_block)
+    y_one = sess.run(None, {"x": x, "ri": F.op_r_inter(np.eye(b, dtype=np.float32)), "rk": rk})[0]
+    y_eye = sess.run(None, {"x": x, "ri": np.eye(b, dtype=np.float32), "rk": rk})[0]
+    assert same(y_one[8:], y_eye[8:])
+    nan_blocks = np.isnan(y_one[6:8]).reshape(2, b, 32).any(-1)
+    np.testing.assert_array_equal(nan_blocks, [[True, False, False, False], [False, True, False, False]])
+    assert np.isnan(y_eye[6:8]).all()
+    eye_rk = {"rk": np.eye(32, dtype=np.float32) if not per_block else np.stack([np.eye(32, dtype=np.float32)] * b)}
+    y = sess.run(None, {"x": x, "ri": np.ones((1, 1), np.float32), **eye_rk})[0]
+    assert same(y, ref.rotate_quantize(x, np.ones((1, 1), np.float32), eye_rk["rk"], rule))
+
+
+def test_r_inter_mixes_equal_groups():
+    """A [G, G] R_inter acts as kron(R_inter, I_{D/G}), in the op and the reference alike."""
+    d, g = 128, 2
+    rng = np.random.default_rng(19)
+    x = (rng.standard_normal((64, d)) * 3).astype(np.float32)
+    ri = np.linalg.qr(rng.standard_normal((g, g)))[0].astype(np.float32)
+    rk = np.linalg.qr(rng.standard_normal((32, 32)))[0].astype(np.float32)
+    dense = np.kron(ri.astype(np.float64), np.eye(d // g)) @ np.kron(np.eye(d // 32), rk.T.astype(np.float64))
+    z = ref.rotate_f32(x, ri, rk)
+    np.testing.assert_allclose(z, x.astype(np.float64) @ dense.T, rtol=1e-5, atol=1e-5)
+    y = op_model(d, "floor").run(None, {"x": x, "ri": ri, "rk": rk})[0]
+    assert bits_equal(y, ref.quantize_rotated(z, np.float32)).mean() > 0.999
+    with pytest.raises(ValueError, match="do not fit"):
+        torq.apply_rotation(x, np.eye(3, dtype=np.float32), rk)  # 3 does not divide B = 4
 
 
 def test_float16_input():

@@ -2,8 +2,10 @@
 
 For each model: the median time of one 512-token forward pass, the time to score the
 held-out text (strided 512-token windows, as ``torq-onnx eval``) and, for models exported
-with a KV cache, greedy decode tokens/s after a 512-token prefill (64 new tokens), each with
-its ratio to the first model (the float one). Run:
+with a KV cache, greedy decode tokens/s after a 512-token prefill (1 / the median of 64
+steps), each with its ratio to the first model (the float one). Forward passes and decode
+steps are timed round-robin across the models, so a machine whose speed drifts (a shared
+VM) slows every model alike. Run:
   python tools/bench_cpu_speed.py FLOAT.onnx QUANT.onnx [MORE.onnx ...] --tokenizer-dir DIR [--max-tokens 8192]
 """
 
@@ -18,21 +20,45 @@ import onnxruntime as ort
 
 from torq_onnx import calibration as calib
 from torq_onnx import models
-from torq_onnx.evaluate import evaluation_ids, forward_ms, perplexity
+from torq_onnx.evaluate import evaluation_ids, logits_output, perplexity
 from torq_onnx.generate import CachedDecoder
 from torq_onnx.runtime_ops import load_session
 
 
-def decode_tokens_per_second(session, prompt: np.ndarray, new_tokens: int = 64) -> float:
-    """Greedy decode speed with the KV cache, after a prefill of ``prompt`` (NaN without a cache)."""
+def round_robin(steps: list, rounds: int) -> list[float]:
+    """Median seconds of each callable in ``steps``, called in turn ``rounds`` times after one
+    warm-up call each."""
+    for step in steps:
+        step()
+    times = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, t in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            t.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
+def decode_step(session, prompt: np.ndarray):
+    """A callable taking one greedy step with the KV cache after a prefill of ``prompt``
+    (None without a cache)."""
     if not any(calib.is_past_input(s[0]) for s in calib.input_specs(session)):
-        return float("nan")
+        return None
     decoder = CachedDecoder(session)
-    logits, cache = decoder.step(prompt, 0, decoder.empty_cache())
-    t = time.perf_counter()
-    for k in range(new_tokens):
-        logits, cache = decoder.step(np.array([int(np.argmax(logits))]), prompt.size + k, cache)
-    return new_tokens / (time.perf_counter() - t)
+    state = list(decoder.step(prompt, 0, decoder.empty_cache()))
+    position = [prompt.size]
+
+    def step() -> None:
+        state[:] = decoder.step(np.array([int(np.argmax(state[0]))]), position[0], state[1])
+        position[0] += 1
+
+    return step
+
+
+def forward_pass(session, ids: np.ndarray):
+    feeds = calib.feeds_for_inputs(calib.input_specs(session), ids)
+    out = logits_output(session)
+    return lambda: session.run([out], feeds)
 
 
 def main() -> None:
@@ -42,18 +68,21 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8192)
     args = ap.parse_args()
     ids = evaluation_ids(models.load_tokenizer(Path(args.tokenizer_dir)), None, args.max_tokens)
+    sessions = [load_session(path) for path in args.models]
+    pass_ms = [1e3 * t for t in round_robin([forward_pass(s, ids[:512]) for s in sessions], rounds=7)]
+    steps = [decode_step(s, ids[:512]) for s in sessions]
+    step_s = iter(round_robin([st for st in steps if st], rounds=64))
+    tps = [1 / next(step_s) if st else float("nan") for st in steps]
     print(f"{'model':<32} {'ms / 512-token pass':>19} {'x float':>7} {'eval s':>7} {'x float':>7} {'decode tok/s':>12} {'x float':>7} {'PPL':>8}")
     base = None
-    for path in args.models:
-        session = load_session(path)
-        ms = forward_ms(session, ids[:512])
+    for path, session, ms, tok_s in zip(args.models, sessions, pass_ms, tps):
         res = perplexity(session, ids)
-        tps = decode_tokens_per_second(session, ids[:512])
-        base = base or (ms, res.seconds, tps)
+        base = base or (ms, res.seconds, tok_s)
         name = str(Path(path).parent.name or path)[-32:]
         print(f"{name:<32} {ms:>19.1f} {ms / base[0]:>7.2f} {res.seconds:>7.1f} {res.seconds / base[1]:>7.2f} "
-              f"{tps:>12.1f} {base[2] / tps:>7.2f} {res.perplexity:>8.3f}")
-    print(f"{ids.size} held-out tokens (seq 512, stride 256); 'x float' is time over the float model's; onnxruntime {ort.__version__}, CPU threads = ORT default")
+              f"{tok_s:>12.1f} {base[2] / tok_s:>7.2f} {res.perplexity:>8.3f}")
+    print(f"{ids.size} held-out tokens (seq 512, stride 256); 'x float' is time over the float model's; "
+          f"pass and decode times round-robin; onnxruntime {ort.__version__}, CPU threads = ORT default")
 
 
 if __name__ == "__main__":

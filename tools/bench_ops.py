@@ -4,8 +4,10 @@ CPU table: numpy reference vs the op's ONNX function in ORT CPU. CUDA table (wit
 GPU): each fused CuPy kernel (``cuda.ROTATE_KERNELS``: a thread or a warp per MX block) vs
 the same ONNX function run by ORT's CUDA execution provider
 (needs onnxruntime-gpu), its bandwidth against a device-to-device copy, and its time
-against the [tokens, D] x [D, D] MatMul it feeds. Two layouts: "wush" (per-block 32x32
-transforms, identity R_inter) and "torq" (dense R_inter, one shared 32x32 R_intra).
+against the [tokens, D] x [D, D] MatMul it feeds. Two layouts, as exported: "wush"
+(per-block 32x32 transforms, identity R_inter as [[1]]) and "torq" (dense R_inter, one
+shared 32x32 R_intra); the CPU table adds "eye", wush with R_inter as eye(B), to show what
+the [[1]] form saves.
 
 Run: python tools/bench_ops.py [--quick] [--cpu-only] [--cuda-only]
 """
@@ -39,7 +41,7 @@ def op_model(d: int, per_block: bool) -> onnx.ModelProto:
     b = d // 32
     graph = helper.make_graph(
         [F.make_rotate_quantize_node("x", "ri", "rk", "y")], "bench",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, [b, b]),
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d]), helper.make_tensor_value_info("ri", TensorProto.FLOAT, ["g", "g"]),
          helper.make_tensor_value_info("rk", TensorProto.FLOAT, [b, 32, 32] if per_block else [32, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", d])],
     )
@@ -64,27 +66,30 @@ def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
 def layout(d: int, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(r_inter, r_intra) of the kind a method exports."""
     b = d // 32
-    if name == "wush":
+    if name in ("wush", "eye"):  # "eye": wush's transforms with R_inter written as eye(B)
         r_intra = np.random.default_rng(2).standard_normal((b, 32, 32)) / np.sqrt(32)
-        return np.eye(b, dtype=np.float32), r_intra.astype(np.float32)
+        eye = np.eye(b, dtype=np.float32)
+        return (F.op_r_inter(eye) if name == "wush" else eye), r_intra.astype(np.float32)
     rot = torq.solve_rotation("quarot", d, seed=0)
     return rot.r_inter.astype(np.float32), rot.r_intra.astype(np.float32)
 
 
 def cpu_table(dims: list[int], tokens: list[int]) -> None:
-    print("CPU: TorqRotateQuantize (torq layout) vs the MatMul it feeds, ORT CPU, best of 3")
-    hdr = f"{'D':>5} {'tokens':>6} {'numpy ref ms':>12} {'ORT op ms':>10} {'ORT MatMul ms':>13} {'op/MatMul':>9}"
+    print("CPU: TorqRotateQuantize vs the MatMul it feeds, ORT CPU, best of 3")
+    hdr = f"{'D':>5} {'tokens':>6} {'layout':>6} {'numpy ref ms':>12} {'ORT op ms':>10} {'ORT MatMul ms':>13} {'op/MatMul':>9}"
     print(hdr + "\n" + "-" * len(hdr))
     for d in dims:
-        ri, rk = layout(d, "torq")
-        sess, mm = session(op_model(d, False), "CPUExecutionProvider"), session(matmul_model(d), "CPUExecutionProvider")
+        mm = session(matmul_model(d), "CPUExecutionProvider")
         w = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
         for t in tokens:
             x = np.random.default_rng(0).standard_normal((t, d)).astype(np.float32)
-            t_ref = best_time(lambda: ref.rotate_quantize(x, ri, rk), repeat=1)
-            t_ort = best_time(lambda: sess.run(None, {"x": x, "ri": ri, "rk": rk}))
             t_mm = best_time(lambda: mm.run(None, {"x": x, "w": w}))
-            print(f"{d:>5} {t:>6} {t_ref * 1e3:>12.1f} {t_ort * 1e3:>10.1f} {t_mm * 1e3:>13.1f} {t_ort / t_mm:>9.2f}")
+            for name in ("wush", "eye", "torq"):
+                ri, rk = layout(d, name)
+                sess = session(op_model(d, name != "torq"), "CPUExecutionProvider")
+                t_ref = best_time(lambda: ref.rotate_quantize(x, ri, rk), repeat=1)
+                t_ort = best_time(lambda: sess.run(None, {"x": x, "ri": ri, "rk": rk}))
+                print(f"{d:>5} {t:>6} {name:>6} {t_ref * 1e3:>12.1f} {t_ort * 1e3:>10.1f} {t_mm * 1e3:>13.1f} {t_ort / t_mm:>9.2f}")
 
 
 def gpu_ms(fn, repeat: int = 50) -> float:

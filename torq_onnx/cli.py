@@ -144,12 +144,22 @@ def generate(
               f"decode: {len(res.tokens)} tokens, {res.decode_tokens_per_second:.1f} tokens/s")
 
 
+def _is_one(tensor) -> bool:
+    """A [1, 1] initializer holding 1: the op's identity R_inter (no block mixing). Such a
+    tensor is always stored inline (4 bytes), so this reads no external data."""
+    from onnx import TensorProto, numpy_helper
+
+    inline = tensor.data_location != TensorProto.EXTERNAL
+    return list(tensor.dims) == [1, 1] and inline and numpy_helper.to_array(tensor).item() == 1.0
+
+
 @app.command()
 def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx")) -> None:
     """Summarize the torq ops and rotations in an exported model."""
     import onnx
 
-    from torq_onnx.runtime_ops import DOMAIN
+    from torq_onnx.runtime_ops import DOMAIN, ROTATE_QUANTIZE
+    from torq_onnx.runtime_ops.functions import ROTATE
 
     try:
         if not model_onnx.is_file():
@@ -173,6 +183,8 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
     for k, v in sorted(counts.items()):
         table.add_row(f"ops {DOMAIN}::{k}", str(v))
     inits = {i.name: i for i in m.graph.initializer}
-    sizes = sorted({tuple(inits[n.input[1]].dims) for n in m.graph.node if n.domain == DOMAIN and n.input[1] in inits})
-    table.add_row("R_inter shapes", ", ".join("x".join(map(str, s)) for s in sizes) or "-")
+    sites = [n for n in m.graph.node if n.domain == DOMAIN and n.op_type in (ROTATE_QUANTIZE, ROTATE)]
+    r_inters = [inits[n.input[1]] for n in sites if n.input[1] in inits]
+    sizes = sorted({"x".join(map(str, r.dims)) + (" (identity)" if _is_one(r) else "") for r in r_inters})
+    table.add_row("R_inter shapes", ", ".join(sizes) or "-")
     Console().print(table)

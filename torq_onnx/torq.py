@@ -43,15 +43,19 @@ def n_blocks(d: int) -> int:
 def apply_rotation(x: np.ndarray, r_inter: np.ndarray, r_intra: np.ndarray) -> np.ndarray:
     """``z = Q x`` for every row vector of ``x`` ([..., D]), computed blockwise.
 
-    ``r_intra`` is one [32, 32] matrix shared by all blocks, or [B, 32, 32] (one per block:
-    ``Z[b] = Y[b] @ r_intra[b]``).
+    ``r_inter`` is [B, B], or more generally [G, G] for G dividing B: it then mixes the G
+    equal groups of the hidden axis (``kron(R_inter, I_{D/G})``), so ``[[1]]`` (G = 1) mixes
+    nothing; the op's graphs carry it for an identity ``R_inter``, which spares every
+    implementation a [B, B] product per token. ``r_intra`` is one [32, 32] matrix shared by
+    all blocks, or [B, 32, 32] (one per block: ``Z[b] = Y[b] @ r_intra[b]``).
     """
     d = x.shape[-1]
     b = n_blocks(d)
-    if r_inter.shape != (b, b) or r_intra.shape not in ((BLOCK_SIZE, BLOCK_SIZE), (b, BLOCK_SIZE, BLOCK_SIZE)):
+    g = r_inter.shape[0] if r_inter.ndim == 2 else 0
+    if r_inter.shape != (g, g) or g == 0 or b % g or r_intra.shape not in ((BLOCK_SIZE, BLOCK_SIZE), (b, BLOCK_SIZE, BLOCK_SIZE)):
         raise ValueError(f"rotation shapes {r_inter.shape}, {r_intra.shape} do not fit D={d} (B={b})")
-    blocks = x.reshape(*x.shape[:-1], b, BLOCK_SIZE)
-    y = np.matmul(r_inter.astype(np.result_type(x, r_inter)), blocks)
+    groups = x.reshape(*x.shape[:-1], g, d // g)
+    y = np.matmul(r_inter.astype(np.result_type(x, r_inter)), groups).reshape(*x.shape[:-1], b, BLOCK_SIZE)
     if r_intra.ndim == 3:  # per block: [..., B, 1, 32] @ [B, 32, 32]
         return np.matmul(y[..., None, :], r_intra)[..., 0, :].reshape(x.shape)
     return np.matmul(y, r_intra).reshape(x.shape)
