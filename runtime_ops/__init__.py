@@ -2,6 +2,9 @@
 
 Portable path: exported models carry the ops as model-local ONNX functions, so any
 ``onnxruntime.InferenceSession`` runs them; :func:`load_session` is the one call users need.
+Compiled path (``torq_onnx.runtime_ops.compiled``): the same ops as a native ORT custom-op
+library built on first use, which a session loads to run them as compiled kernels in the
+whole graph, on CPU and on the CUDA execution provider (``load_session(..., custom_ops=True)``).
 CUDA path (``torq_onnx.runtime_ops.cuda``): fused CuPy kernels, imported lazily, run inside
 an ORT CUDA pipeline by :class:`SplitSession` (ORT segments cut at the online op).
 """
@@ -47,8 +50,12 @@ def register(sess_options=None):
     return opts
 
 
-def load_session(path, providers=None, sess_options=None):
-    """An ``onnxruntime.InferenceSession`` for an exported torq model (CPU unless told)."""
+def load_session(path, providers=None, sess_options=None, custom_ops=None):
+    """An ``onnxruntime.InferenceSession`` for an exported torq model (CPU unless told).
+
+    ``custom_ops``: None or False runs the ops' ONNX function bodies; True loads the compiled
+    custom-op library (:mod:`~torq_onnx.runtime_ops.compiled`, built and cached on first use;
+    its CUDA build when ``providers`` name the CUDA EP); a path loads that library."""
     import onnxruntime as ort
 
     from torq_onnx.errors import TorqError
@@ -56,7 +63,14 @@ def load_session(path, providers=None, sess_options=None):
     p = Path(path)
     if not p.is_file():
         raise TorqError(f"no ONNX model at {p}")
+    providers = providers or ["CPUExecutionProvider"]
+    opts = register(sess_options)
+    if custom_ops:
+        from torq_onnx.runtime_ops import compiled
+
+        on_cuda = any((pr[0] if isinstance(pr, tuple) else pr) == "CUDAExecutionProvider" for pr in providers)
+        compiled.register(opts, None if custom_ops is True else custom_ops, cuda=on_cuda)
     try:
-        return ort.InferenceSession(str(p), sess_options=register(sess_options), providers=providers or ["CPUExecutionProvider"])
+        return ort.InferenceSession(str(p), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types with long messages
         raise TorqError(f"ONNX Runtime could not load {p}: {exc}") from exc

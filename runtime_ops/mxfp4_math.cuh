@@ -53,20 +53,38 @@ __host__ __device__ inline int torq_mxfp4_exponent(float amax, float bump) {
     return e < -127 ? -127 : (e > 127 ? 127 : e);
 }
 
+// min(a, b) of operands that are never NaN: fminf on the GPU (one instruction); on the host a
+// compare, which the compiler vectorizes (it does not vectorize fminf's NaN rule).
+__host__ __device__ inline float torq_min(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return fminf(a, b);
+#else
+    return a < b ? a : b;
+#endif
+}
+
 // E2M1 magnitude of a scaled magnitude q >= 0: round half to even on the grid
 // {0, .5, 1, 1.5, 2, 3, 4, 6} (step .5 below 2, 1 below 4, 2 above), saturating at 6.
 __host__ __device__ inline float torq_e2m1_round(float q) {
+#ifdef __CUDA_ARCH__
     float r = q < 2.f ? rintf(q * 2.f) * 0.5f : (q < 4.f ? rintf(q) : rintf(q * 0.5f) * 2.f);
-    return fminf(r, 6.f);
+#else  // the same value as a select of all three candidates, which a host compiler vectorizes
+    const float fine = rintf(q * 2.f) * 0.5f, unit = rintf(q), coarse = rintf(q * 0.5f) * 2.f;
+    float r = q < 2.f ? fine : (q < 4.f ? unit : coarse);
+#endif
+    return torq_min(r, 6.f);
 }
 
 // One finite element of a block with exponent e: quantize-dequantize, sign restored.
 // Multiplying by an exact power of two is correctly rounded, as ldexpf is: the same values.
-__host__ __device__ inline float torq_mxfp4_element(float v, int e) {
-    float r = torq_e2m1_round(fabsf(v) * torq_pow2(-e));
-    float out = fminf(r * torq_pow2(e), TORQ_FLT_MAX);  // 8 * 2^126 would overflow float32
+// `down` = 2^-e and `up` = 2^e, computed once per block.
+__host__ __device__ inline float torq_mxfp4_scaled(float v, float down, float up) {
+    float r = torq_e2m1_round(fabsf(v) * down);
+    float out = torq_min(r * up, TORQ_FLT_MAX);  // 8 * 2^126 would overflow float32
     return v < 0.f ? -out : out;
 }
+
+__host__ __device__ inline float torq_mxfp4_element(float v, int e) { return torq_mxfp4_scaled(v, torq_pow2(-e), torq_pow2(e)); }
 
 // A whole block of 32 on one thread (the host harness; the kernel splits it across a warp):
 // a NaN/Inf anywhere makes every output NaN, an all-zero block stays zero.
@@ -78,8 +96,39 @@ __host__ __device__ inline void torq_mxfp4_block(const float* z, float* y, float
         bad |= !isfinite(z[i]);
         amax = fmaxf(amax, isfinite(z[i]) ? fabsf(z[i]) : 0.f);
     }
-    int e = (bad || amax == 0.f) ? 0 : torq_mxfp4_exponent(amax, bump);
-#pragma unroll  // fully unrolled, a kernel keeps z and y in registers
-    for (int i = 0; i < 32; ++i)
-        y[i] = bad ? torq_nan() : (amax == 0.f ? 0.f : torq_mxfp4_element(z[i], e));
+    const int e = (bad || amax == 0.f) ? 0 : torq_mxfp4_exponent(amax, bump);
+    const float down = torq_pow2(-e), up = torq_pow2(e);
+#ifdef __CUDA_ARCH__
+#pragma unroll  // fully unrolled, a kernel keeps z and y in registers (72 a thread on sm_90)
+    for (int i = 0; i < 32; ++i) y[i] = bad ? torq_nan() : (amax == 0.f ? 0.f : torq_mxfp4_scaled(z[i], down, up));
+#else  // the same values with the block-wide cases first: no per-element branch, so the host compiler vectorizes
+    if (bad || amax == 0.f) {
+        for (int i = 0; i < 32; ++i) y[i] = bad ? torq_nan() : 0.f;
+        return;
+    }
+    for (int i = 0; i < 32; ++i) y[i] = torq_mxfp4_scaled(z[i], down, up);
+#endif
+}
+
+// The online op's rotations as the compiled ORT op computes them on the CPU and CUDA, so both
+// give the same bits: each output is an fmaf chain in ascending term order, from 0.
+//
+// R_intra on one block: z[j] = sum_i v[i] R[i][j] (R row-major 32 x 32), the order of both
+// fused kernels in mxfp4_quant.cu.
+__host__ __device__ inline void torq_block_rotate(const float* v, const float* r, float* z) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) z[j] = 0.f;
+    for (int i = 0; i < 32; ++i) {
+        const float vi = v[i];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) z[j] = fmaf(vi, r[i * 32 + j], z[j]);
+    }
+}
+
+// R_inter on one element of a token viewed as [G, W]: sum_h R[g][h] x[h][k], for the token's
+// group g (r_row = R[g]) and column k (x_col = &x[0][k], rows `width` apart).
+__host__ __device__ inline float torq_group_mix_element(const float* r_row, const float* x_col, long long groups, long long width) {
+    float acc = 0.f;
+    for (long long h = 0; h < groups; ++h) acc = fmaf(r_row[h], x_col[h * width], acc);
+    return acc;
 }

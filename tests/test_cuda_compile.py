@@ -29,7 +29,9 @@ def nvcc(*args: str) -> None:
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])  # sm_75: T4s, and the pre-sm_80 warp max
-@pytest.mark.parametrize("source", sorted(p.name for p in SRC.glob("*.cu")))
+# ort_custom_ops_cuda.cu builds only as part of the custom-op library, with the launch geometry
+# and ORT headers the build passes (test_compiled_ops.py compiles it, warnings as errors)
+@pytest.mark.parametrize("source", sorted(p.name for p in SRC.glob("*.cu") if p.name != "ort_custom_ops_cuda.cu"))
 def test_cuda_sources_compile_without_warnings(tmp_path, source, arch):
     nvcc("-cubin", f"-arch={arch}", "-o", str(tmp_path / "out.cubin"), str(SRC / source))
     assert (tmp_path / "out.cubin").stat().st_size > 0

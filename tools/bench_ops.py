@@ -1,9 +1,10 @@
 """Benchmark the online op TorqRotateQuantize beside the MatMul it feeds.
 
-CPU table: numpy reference vs the op's ONNX function in ORT CPU. CUDA table (with CuPy and a
-GPU): each fused CuPy kernel (``cuda.ROTATE_KERNELS``: a thread or a warp per MX block) vs
-the same ONNX function run by ORT's CUDA execution provider
-(needs onnxruntime-gpu), its bandwidth against a device-to-device copy, and its time
+CPU table: numpy reference vs the op's ONNX function in ORT CPU vs the compiled custom op
+(``runtime_ops/compiled.py``) in ORT CPU. CUDA table (with CuPy and a GPU): each fused CuPy
+kernel (``cuda.ROTATE_KERNELS``: a thread or a warp per MX block) vs the same ONNX function
+run by ORT's CUDA execution provider and vs the compiled library's CUDA op in an ORT CUDA
+session (both need onnxruntime-gpu), its bandwidth against a device-to-device copy, and its time
 against the [tokens, D] x [D, D] MatMul it feeds. Two layouts, as exported: "wush"
 (per-block 32x32 transforms, identity R_inter as [[1]]) and "torq" (dense R_inter, one
 shared 32x32 R_intra); the CPU table adds "eye", wush with R_inter as eye(B), to show what
@@ -59,8 +60,24 @@ def matmul_model(d: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=F.IR_VERSION)
 
 
-def session(model: onnx.ModelProto, provider: str) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=[provider])
+def session(model: onnx.ModelProto, provider: str, library=None) -> ort.InferenceSession:
+    """A session for ``model``; with ``library`` (a built custom-op library) the op runs compiled."""
+    from torq_onnx.runtime_ops import compiled
+
+    opts = compiled.register(None, library) if library else None
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+
+
+def compiled_library(cuda: bool = False):
+    """The custom-op library (built and cached on first use), or None with the reason printed."""
+    from torq_onnx.errors import TorqError
+    from torq_onnx.runtime_ops import compiled
+
+    try:
+        return compiled.build_library(cuda=cuda)
+    except TorqError as exc:
+        print(f"(compiled op unavailable: {exc})")
+        return None
 
 
 def layout(d: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +92,10 @@ def layout(d: int, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cpu_table(dims: list[int], tokens: list[int]) -> None:
-    print("CPU: TorqRotateQuantize vs the MatMul it feeds, ORT CPU, best of 3")
-    hdr = f"{'D':>5} {'tokens':>6} {'layout':>6} {'numpy ref ms':>12} {'ORT op ms':>10} {'ORT MatMul ms':>13} {'op/MatMul':>9}"
+    print("CPU: TorqRotateQuantize vs the MatMul it feeds, ORT CPU, best of 3 (fn: the op's ONNX function; lib: compiled)")
+    lib = compiled_library()
+    hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'numpy ref ms':>12} {'ORT fn ms':>9} {'ORT lib ms':>10} {'ORT MatMul ms':>13} "
+           f"{'fn/MatMul':>9} {'lib/MatMul':>10}")
     print(hdr + "\n" + "-" * len(hdr))
     for d in dims:
         mm = session(matmul_model(d), "CPUExecutionProvider")
@@ -89,7 +108,12 @@ def cpu_table(dims: list[int], tokens: list[int]) -> None:
                 sess = session(op_model(d, name != "torq"), "CPUExecutionProvider")
                 t_ref = best_time(lambda: ref.rotate_quantize(x, ri, rk), repeat=1)
                 t_ort = best_time(lambda: sess.run(None, {"x": x, "ri": ri, "rk": rk}))
-                print(f"{d:>5} {t:>6} {name:>6} {t_ref * 1e3:>12.1f} {t_ort * 1e3:>10.1f} {t_mm * 1e3:>13.1f} {t_ort / t_mm:>9.2f}")
+                t_lib = float("nan")
+                if lib:
+                    sess_lib = session(op_model(d, name != "torq"), "CPUExecutionProvider", lib)
+                    t_lib = best_time(lambda: sess_lib.run(None, {"x": x, "ri": ri, "rk": rk}))
+                print(f"{d:>5} {t:>6} {name:>6} {t_ref * 1e3:>12.1f} {t_ort * 1e3:>9.1f} {t_lib * 1e3:>10.1f} {t_mm * 1e3:>13.1f} "
+                      f"{t_ort / t_mm:>9.2f} {t_lib / t_mm:>10.2f}")
 
 
 def gpu_ms(fn, repeat: int = 50) -> float:
@@ -123,11 +147,12 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
     import cupy as cp
 
     has_ort = "CUDAExecutionProvider" in ort.get_available_providers()
+    lib = compiled_library(cuda=True) if has_ort else None
     props = cp.cuda.runtime.getDeviceProperties(0)
     print(f"\nCUDA ({props['name'].decode()}): fused kernel vs ORT CUDA running the op's ONNX function; "
           f"GB/s counts x read + y written; MatMul = ORT CUDA [tokens, D] x [D, D] float32")
     hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'kernel':>6} {'ours ms':>8} {'GB/s':>6} {'% copy':>6} {'ORT fn ms':>9} "
-           f"{'speed-up':>8} {'MatMul ms':>9} {'op/MatMul':>9}")
+           f"{'ORT lib ms':>10} {'speed-up':>8} {'MatMul ms':>9} {'op/MatMul':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for d in dims:
         w = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
@@ -139,13 +164,16 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
             t_mm = ort_cuda_ms(mm, {"x": x, "w": w}, "y") if mm else float(gpu_ms(lambda: cp.matmul(xd, cp.asarray(w))))
             for name in ("wush", "torq"):
                 ri, rk = layout(d, name)
-                t_fn = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider"), {"x": x, "ri": ri, "rk": rk}, "y") if has_ort else float("nan")
+                feeds = {"x": x, "ri": ri, "rk": rk}
+                t_fn = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider"), feeds, "y") if has_ort else float("nan")
+                # the compiled op in a whole-graph ORT CUDA session (its default kernel, cuda.DEFAULT_ROTATE_KERNEL)
+                t_lib = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider", lib), feeds, "y") if lib else float("nan")
                 for kernel in cuda.ROTATE_KERNELS:
                     q = cuda.RotateQuantizer(ri, rk, kernel=kernel)
                     t_ours = gpu_ms(lambda: q(xd))
                     gbps = 2 * x.nbytes / t_ours / 1e6
                     print(f"{d:>5} {t:>6} {name:>6} {kernel:>6} {t_ours:>8.3f} {gbps:>6.0f} {100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} "
-                          f"{t_fn / t_ours:>7.1f}x {t_mm:>9.3f} {100 * t_ours / t_mm:>8.1f}%")
+                          f"{t_lib:>10.3f} {t_fn / t_ours:>7.1f}x {t_mm:>9.3f} {100 * t_ours / t_mm:>8.1f}%")
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (last size); ORT CUDA EP {'available' if has_ort else 'not installed: ORT columns n/a'}")
 
 

@@ -1,4 +1,4 @@
-"""``torq-onnx`` command line: export | eval | generate | inspect."""
+"""``torq-onnx`` command line: export | eval | generate | inspect | build-ops."""
 
 from __future__ import annotations
 
@@ -100,6 +100,8 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here"),
     reference: Optional[str] = typer.Option(None, help="Float model to compare with (a MODEL as for export, e.g. smollm2-135m): "
                                             "adds KL divergence and top-1 agreement"),
+    custom_ops: bool = typer.Option(False, help="Run the torq ops as the compiled custom-op library (see build-ops; built "
+                                    "and cached on first use) instead of their ONNX function bodies"),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Perplexity of MODEL_ONNX in ONNX Runtime on held-out text (strided windows)."""
@@ -107,7 +109,8 @@ def eval_cmd(
     from torq_onnx.atomic import write_text_atomic
 
     try:
-        res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet, reference=reference)
+        res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet, reference=reference,
+                             custom_ops=custom_ops)
         if json_out is not None:
             write_text_atomic(json_out, json.dumps(res.as_dict(), indent=2))
     except (TorqError, ValueError) as exc:
@@ -129,6 +132,8 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; else sample from softmax(logits / T)"),
     top_p: float = typer.Option(1.0, max=1.0, help="Sample only from the most likely tokens holding this much mass"),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling"),
+    custom_ops: bool = typer.Option(False, help="Run the torq ops as the compiled custom-op library (see build-ops; built "
+                                    "and cached on first use) instead of their ONNX function bodies"),
 ) -> None:
     """Generate text with the KV cache in ONNX Runtime, streamed; prints prefill and decode speed."""
     from torq_onnx.generate import SamplingOptions, generate as run_generation
@@ -136,7 +141,7 @@ def generate(
     out = Console(highlight=False)
     try:
         res = run_generation(model_dir, prompt, SamplingOptions(max_new_tokens, temperature, top_p, seed),
-                             on_text=lambda piece: out.print(piece, end="", markup=False, soft_wrap=True))
+                             on_text=lambda piece: out.print(piece, end="", markup=False, soft_wrap=True), custom_ops=custom_ops)
     except (TorqError, ValueError) as exc:
         _fail(exc)
     out.print()
@@ -188,3 +193,24 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
     sizes = sorted({"x".join(map(str, r.dims)) + (" (identity)" if _is_one(r) else "") for r in r_inters})
     table.add_row("R_inter shapes", ", ".join(sizes) or "-")
     Console().print(table)
+
+
+@app.command("build-ops")
+def build_ops(
+    cuda: bool = typer.Option(False, help="Also build the CUDA execution provider's kernel (needs nvcc)"),
+    ort_include: Optional[Path] = typer.Option(None, help="ONNX Runtime's C API headers (an ORT release's include folder; default: "
+                                               "$TORQ_ORT_INCLUDE, else fetched once from the npm registry)"),
+    kernel: Optional[str] = typer.Option(None, help="CUDA: the fused kernel (thread | warp; default thread)"),
+    arch: list[str] = typer.Option(["sm_80", "sm_90"], help="CUDA: GPU architectures to build for (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the library here (default: the cache, reused while "
+                                       "nothing changes)"),
+) -> None:
+    """Build the compiled torq custom-op library and print its path; load it with
+    SessionOptions.register_custom_ops_library(PATH), or pass --custom-ops to eval/generate."""
+    from torq_onnx.runtime_ops import compiled
+
+    try:
+        path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch), output=out)
+    except (TorqError, ValueError) as exc:
+        _fail(exc)
+    Console(highlight=False).print(str(path))

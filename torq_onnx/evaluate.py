@@ -193,10 +193,12 @@ def evaluate_model(
     providers: list[str] | None = None,
     progress: bool = True,
     reference: str | None = None,
+    custom_ops=None,
 ) -> PerplexityResult:
     """``torq-onnx eval``: perplexity of an ONNX causal LM (float or torq-exported) on held-out
     text; with ``reference`` (any MODEL that ``torq-onnx export`` accepts, e.g. the float
-    source), also KL divergence from the reference and top-1 agreement with it."""
+    source), also KL divergence from the reference and top-1 agreement with it. ``custom_ops``
+    as for :func:`~torq_onnx.runtime_ops.load_session` (the model scored, not the reference)."""
     from torq_onnx.runtime_ops import load_session
 
     check_window_options(seq_len, stride, max_tokens)
@@ -208,7 +210,7 @@ def evaluate_model(
     models.check_onnx_file(path)
     tokenizer = models.load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else models.find_tokenizer_dir(path))
     ids = evaluation_ids(tokenizer, text_path, max_tokens)
-    session = load_session(path, providers=providers)
+    session = load_session(path, providers=providers, custom_ops=custom_ops)
     bar = lambda it: tqdm(it, desc=f"eval {path.parent.name or path.name}", disable=not progress, leave=False)  # noqa: E731
     if reference is None:
         return perplexity(session, ids, seq_len, stride, progress=bar)

@@ -116,9 +116,10 @@ def context_length(model_dir: Path, tokenizer) -> int | None:
 
 
 def generate(model_path: str | Path, prompt: str, opts: SamplingOptions | None = None, providers: list[str] | None = None,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+             on_text: Callable[[str], None] | None = None, custom_ops=None) -> GenerationResult:
     """Generate from ``prompt`` with an exported decoder (OUT folder or model.onnx);
-    ``on_text`` receives the new text as it is decoded (streaming)."""
+    ``on_text`` receives the new text as it is decoded (streaming); ``custom_ops`` as for
+    :func:`~torq_onnx.runtime_ops.load_session`."""
     from torq_onnx.runtime_ops import load_session
 
     opts = opts or SamplingOptions()
@@ -139,7 +140,7 @@ def generate(model_path: str | Path, prompt: str, opts: SamplingOptions | None =
     limit = context_length(model_dir, tokenizer)
     if limit is not None and prompt_ids.size + opts.max_new_tokens > limit:
         raise TorqError(f"prompt ({prompt_ids.size} tokens) + --max-new-tokens ({opts.max_new_tokens}) exceeds the model's context of {limit} tokens")
-    decoder = CachedDecoder(load_session(path, providers=providers))
+    decoder = CachedDecoder(load_session(path, providers=providers, custom_ops=custom_ops))
     rng = np.random.default_rng(opts.seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     res = GenerationResult(prompt_tokens=int(prompt_ids.size))
