@@ -120,21 +120,22 @@ def _cpu_isa_flags() -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= flags else []
 
 
-def _launch_defines(kernel: str) -> list[str]:
-    """The fused kernel's launch geometry from :data:`cuda.ROTATE_KERNELS` (one source)."""
+def _launch_defines(kernel: str | None) -> list[str]:
+    """The fused kernel's launch geometry from :data:`cuda.ROTATE_KERNELS` (one source);
+    ``kernel`` None is :data:`cuda.DEFAULT_ROTATE_KERNEL`."""
     from torq_onnx.runtime_ops import cuda
 
-    spec = cuda.rotate_kernel(kernel)
+    spec = cuda.rotate_kernel(kernel or cuda.DEFAULT_ROTATE_KERNEL)
     return [f"-DTORQ_ROTATE_KERNEL={spec.name}", f"-DTORQ_ROTATE_THREADS={spec.threads}",
             f"-DTORQ_ROTATE_BLOCKS_PER_CTA={spec.blocks_per_cta}", f"-DTORQ_ROTATE_ROWS_PER_CTA={spec.rows_per_cta}",
             f"-DTORQ_MAX_GRID_Y={cuda.MAX_GRID_Y}"]
 
 
-def compile_command(output: Path, include: Path, cuda: bool = False, kernel: str | None = None,
+def compile_command(include: Path, cuda: bool = False, kernel: str | None = None,
                     archs: tuple[str, ...] = DEFAULT_CUDA_ARCHS, strict: bool = False) -> list[str]:
-    """The compiler command that builds the library at ``output``. ``strict``: warnings are
-    errors (the tests)."""
-    common = ["-std=c++17", "-O3", "-shared", f"-I{HERE}", f"-I{include}", "-o", str(output)]
+    """The compiler command that builds the library, less its ``-o OUTPUT``. ``strict``:
+    warnings are errors (the tests)."""
+    common = ["-std=c++17", "-O3", "-shared", f"-I{HERE}", f"-I{include}"]
     # no fast-math: only flags that change no value (FP exceptions and errno are not observed)
     host = ["-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-Wall", "-Wextra", "-Wno-unknown-pragmas", *_cpu_isa_flags()]
     if strict:
@@ -144,8 +145,6 @@ def compile_command(output: Path, include: Path, cuda: bool = False, kernel: str
         if cxx is None:
             raise TorqError("no C++ compiler: install g++ or set CXX to build the torq custom ops")
         return [cxx, *common, *host, *(str(HERE / s) for s in CPU_SOURCES)]
-    from torq_onnx.runtime_ops import cuda as cuda_mod
-
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise TorqError("no nvcc on PATH: the CUDA build of the torq custom ops needs the CUDA toolkit")
@@ -155,7 +154,7 @@ def compile_command(output: Path, include: Path, cuda: bool = False, kernel: str
         gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
     last = archs[-1].removeprefix("sm_")
     gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
-    device = ["-DTORQ_ORTOPS_CUDA", *_launch_defines(kernel or cuda_mod.DEFAULT_ROTATE_KERNEL),
+    device = ["-DTORQ_ORTOPS_CUDA", *_launch_defines(kernel),
               "-ftz=false", "-prec-div=true", "-prec-sqrt=true", *gencode]  # as nvrtc_options: no flush-to-zero
     if strict:
         device += ["-Werror", "all-warnings"]
@@ -178,13 +177,13 @@ def build_library(cuda: bool = False, include: str | Path | None = None, kernel:
     headers stay the same. The file appears whole or not at all (built under a temporary
     name, then renamed); a compiler error is a TorqError with the compiler's message."""
     inc = ort_headers(include)
-    probe = compile_command(Path("OUT"), inc, cuda, kernel, archs, strict)
+    command = compile_command(inc, cuda, kernel, archs, strict)
     if output is None:
         key = hashlib.sha256()
         for name in (*(CUDA_SOURCES if cuda else CPU_SOURCES), *HEADERS):
             key.update((HERE / name).read_bytes())
-        key.update("\0".join(probe[1:]).encode())
-        key.update(_tool_version(probe[0]).encode())
+        key.update("\0".join(command[1:]).encode())
+        key.update(_tool_version(command[0]).encode())
         key.update((inc / "onnxruntime_c_api.h").read_bytes())
         target = cache_dir() / "ortops" / f"libtorq_ortops{'_cuda' if cuda else ''}-{key.hexdigest()[:16]}.so"
         if target.is_file():
@@ -196,8 +195,7 @@ def build_library(cuda: bool = False, include: str | Path | None = None, kernel:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        res = subprocess.run(compile_command(tmp, inc, cuda, kernel, archs, strict), capture_output=True, text=True,
-                             timeout=COMPILE_TIMEOUT_S)
+        res = subprocess.run([*command, "-o", str(tmp)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if res.returncode != 0:
             raise TorqError(f"building the torq custom ops failed:\n{(res.stderr or res.stdout).strip()[-4000:]}")
         os.replace(tmp, target)

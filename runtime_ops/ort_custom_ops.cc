@@ -185,15 +185,14 @@ void cpu_rows(void* user, size_t task) {
     const int64_t d = s.blocks * 32, first = (int64_t)task * job.rows_per_task;
     const int64_t last = first + job.rows_per_task < s.rows ? first + job.rows_per_task : s.rows;
     const bool mix = !torq_inter_is_identity(c.r_inter, s.groups);
-    std::vector<float> row(d), mixed(mix ? d : 0);
+    std::vector<float> widened(s.half ? d : 0), mixed(mix ? d : 0);
     for (int64_t n = first; n < last; ++n) {
+        const float* v = static_cast<const float*>(c.x) + n * d;  // float32 x is read in place
         if (s.half) {
             const _Float16* xh = static_cast<const _Float16*>(c.x) + n * d;
-            for (int64_t k = 0; k < d; ++k) row[k] = (float)xh[k];
-        } else {
-            std::memcpy(row.data(), static_cast<const float*>(c.x) + n * d, d * sizeof(float));
+            for (int64_t k = 0; k < d; ++k) widened[k] = (float)xh[k];
+            v = widened.data();
         }
-        const float* v = row.data();
         if (mix) {
             // torq_group_mix_element's chain for every k at once (h outer, k inner: vectorized)
             const int64_t width = d / s.groups;
@@ -201,7 +200,7 @@ void cpu_rows(void* user, size_t task) {
                 float* acc = mixed.data() + g * width;
                 std::fill(acc, acc + width, 0.f);
                 for (int64_t h = 0; h < s.groups; ++h) {
-                    const float r = c.r_inter[g * s.groups + h], *xh = row.data() + h * width;
+                    const float r = c.r_inter[g * s.groups + h], *xh = v + h * width;
                     for (int64_t k = 0; k < width; ++k) acc[k] = fmaf(r, xh[k], acc[k]);
                 }
             }

@@ -47,7 +47,7 @@ struct TorqCudaState {
     float* r_inter = nullptr;  // device copy of the node's R_inter
     float* r_inter_host = nullptr;  // what it was copied from, to notice a changed input
     long long r_inter_size = 0;
-    float* scratch = nullptr;  // float32 working buffers: [mixed or converted x | float32 y]
+    float* scratch = nullptr;  // float32 working buffers: [x | y | quantized y of TorqRotate], as needed
     size_t scratch_bytes = 0;
 };
 
@@ -110,20 +110,17 @@ extern "C" const char* torq_cuda_rotate_quantize(TorqCudaState* s, void* stream_
     float* yf = y_bytes ? s->scratch + (x_bytes / sizeof(float)) : static_cast<float*>(y);
     float* qf = quantize ? yf : s->scratch + ((x_bytes + y_bytes) / sizeof(float));  // the kernel's quantized output
     float* zf = quantize ? nullptr : yf;  // its rotated output
+    // float16 x is widened into xf, or, when R_inter follows, into y's float32 buffer (free until
+    // the fused kernel writes it), so the mixing reads one buffer and writes xf
     const float* src = static_cast<const float*>(x);
     if (shape->half) {
-        torq_half_to_float<<<grid_1d(total, threads), threads, 0, stream>>>(static_cast<const __half*>(x), xf, total);
-        src = xf;
+        float* widened = mix ? yf : xf;
+        torq_half_to_float<<<grid_1d(total, threads), threads, 0, stream>>>(static_cast<const __half*>(x), widened, total);
+        src = widened;
     }
     if (mix) {
         if (const char* err = upload_r_inter(s, stream, r_inter, shape->groups * shape->groups)) return err;
-        if (src == xf) {  // converted in place would race: mix into y's buffer, then copy back
-            float* tmp = yf;
-            torq_group_mix<<<grid_1d(total, threads), threads, 0, stream>>>(src, s->r_inter, tmp, total, shape->groups, d / shape->groups);
-            TORQ_CUDA_TRY(cudaMemcpyAsync(xf, tmp, total * sizeof(float), cudaMemcpyDeviceToDevice, stream));
-        } else {
-            torq_group_mix<<<grid_1d(total, threads), threads, 0, stream>>>(src, s->r_inter, xf, total, shape->groups, d / shape->groups);
-        }
+        torq_group_mix<<<grid_1d(total, threads), threads, 0, stream>>>(src, s->r_inter, xf, total, shape->groups, d / shape->groups);
     }
     // the fused kernel, in launches of at most TORQ_MAX_GRID_Y row tiles (cuda.rotate_launches)
     const long long chunk = (long long)TORQ_MAX_GRID_Y * TORQ_ROTATE_ROWS_PER_CTA;
