@@ -247,8 +247,28 @@ OrtStatus* compute_cuda(void* kernel, OrtKernelContext* ctx) {
     if (call.shape.rows == 0) return nullptr;
     void* stream = nullptr;
     TORQ_TRY(api->KernelContext_GetGPUComputeStream(ctx, &stream));
+    // working memory from ORT's allocator for x's device, tied to this call's stream: freed when
+    // the call returns, as ORT's own CUDA kernels free theirs, and reused only in stream order
+    const size_t bytes = torq_cuda_scratch_bytes(&call.shape, call.r_inter, k.quantize);
+    void* scratch = nullptr;
+    OrtAllocator* allocator = nullptr;
+    if (bytes > 0) {
+        const OrtValue* x = nullptr;
+        const OrtMemoryInfo* memory = nullptr;
+        TORQ_TRY(api->KernelContext_GetInput(ctx, 0, &x));
+        TORQ_TRY(api->GetTensorMemoryInfo(x, &memory));
+        TORQ_TRY(api->KernelContext_GetAllocator(ctx, memory, &allocator));
+        if (OrtStatus* status = api->KernelContext_GetScratchBuffer(ctx, memory, bytes, &scratch)) {
+            api->ReleaseAllocator(allocator);
+            return status;
+        }
+    }
     const char* err = torq_cuda_rotate_quantize(k.cuda, stream, call.x, call.y, call.r_inter, call.r_intra, &call.shape,
-                                                k.quantize, k.bump);
+                                                k.quantize, k.bump, scratch);
+    if (allocator != nullptr) {
+        allocator->Free(allocator, scratch);
+        api->ReleaseAllocator(allocator);
+    }
     return err ? fail(ORT_RUNTIME_EXCEPTION, "%s (CUDA): %s", k.op, err) : nullptr;
 }
 #endif

@@ -35,3 +35,17 @@ def exported_decoder(tiny_llama_dir, tmp_path_factory):
     res = CliRunner().invoke(app, ["export", str(tiny_llama_dir), "-o", str(out), "--calib-samples", "2", "--seq-len", "64", "--quiet"])
     assert res.exit_code == 0, res.output
     return out / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def library():
+    """The compiled custom-op library's CPU build, with warnings as errors (ORT's headers
+    fetched once if not cached): its path."""
+    from torq_onnx.errors import TorqError
+    from torq_onnx.runtime_ops import compiled
+
+    try:
+        compiled.ort_headers()
+    except TorqError as exc:  # no npm, or the registry unreachable: nothing to build against
+        pytest.skip(f"no ONNX Runtime headers here: {exc}")
+    return compiled.build_library(strict=True)

@@ -29,16 +29,6 @@ from test_runtime_ops import adversarial, same
 NVCC = shutil.which("nvcc")
 
 
-@pytest.fixture(scope="module")
-def library() -> Path:
-    """The CPU library, built with warnings as errors (headers fetched once if not cached)."""
-    try:
-        compiled.ort_headers()
-    except TorqError as exc:  # no npm, or the registry unreachable: nothing to build against
-        pytest.skip(f"no ONNX Runtime headers here: {exc}")
-    return compiled.build_library(strict=True)
-
-
 def op_model(d: int, op: str = F.ROTATE_QUANTIZE, rule: str = "floor", dtype: int = TensorProto.FLOAT,
              r_inter: np.ndarray | None = None, r_intra: np.ndarray | None = None) -> onnx.ModelProto:
     """One torq op on x [n, d] with its ONNX function attached, as an export carries it."""
@@ -241,6 +231,48 @@ def test_cuda_session_matches_the_cpu_library_bit_for_bit(library, tmp_path):
                     opts = compiled.register(None, lib)
                     gpu = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
                     assert same(gpu.run(None, {"x": x})[0], run(model, library, x)), (dtype, ri.shape, rk.shape, op)
+
+
+def concurrent_runs(sess: ort.InferenceSession, xs: list[np.ndarray]) -> list[np.ndarray]:
+    """sess.run on every x at once, from as many threads (ORT allows concurrent Run calls)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(xs)) as pool:
+        return list(pool.map(lambda x: sess.run(None, {"x": x})[0], xs))
+
+
+def test_concurrent_runs_of_one_session_give_each_runs_own_bits(library):
+    """Several threads running one session at once: every result is that input's result alone."""
+    rng = np.random.default_rng(9)
+    model = op_model(256, r_inter=np.linalg.qr(rng.standard_normal((8, 8)))[0].astype(np.float32),
+                     r_intra=(rng.standard_normal((8, 32, 32)) / 6).astype(np.float32))
+    sess = session(model, library)
+    xs = [rng.standard_normal((2048, 256)).astype(np.float32) for _ in range(4)]
+    for x, y in zip(xs, concurrent_runs(sess, xs)):
+        assert same(y, sess.run(None, {"x": x})[0])
+
+
+@pytest.mark.gpu
+def test_cuda_session_places_the_op_on_the_gpu_and_runs_concurrently(library, tmp_path):
+    """On a GPU: ORT's profile shows the op on the CUDA EP, and concurrent runs of one CUDA
+    session (each call's scratch memory its own) give the CPU library's bits."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    rng = np.random.default_rng(10)
+    model = op_model(256, F.ROTATE_QUANTIZE, dtype=TensorProto.FLOAT16,
+                     r_inter=np.linalg.qr(rng.standard_normal((8, 8)))[0].astype(np.float32),
+                     r_intra=(rng.standard_normal((8, 32, 32)) / 6).astype(np.float32))
+    opts = compiled.register(None, compiled.build_library(cuda=True))
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "prof")
+    gpu = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
+    xs = [(rng.standard_normal((4099, 256)) * 2).astype(np.float16) for _ in range(4)]
+    for x, y in zip(xs, concurrent_runs(gpu, xs)):
+        assert same(y, run(model, library, x))
+    profile = json.loads(Path(gpu.end_profiling()).read_text())
+    providers = {e["args"].get("provider") for e in profile
+                 if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == F.ROTATE_QUANTIZE}
+    assert providers == {"CUDAExecutionProvider"}, providers
 
 
 def test_cli_builds_the_library_and_scores_with_it(library, exported_decoder):

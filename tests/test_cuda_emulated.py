@@ -184,3 +184,17 @@ def test_race_checker_reports_a_missing_barrier(barrier, tmp_path):
     report = res.stderr.decode()
     assert res.returncode != 0 and "ThreadSanitizer: data race" in report, report[-2000:]
     assert f"::{array}" in report, report[-2000:]  # the race is on that kernel's shared array
+
+
+def test_a_barrier_some_threads_never_reach_is_reported_not_hung(tmp_path):
+    """The fiber emulator notices when no thread can move on: lane 0 waits at __syncwarp for
+    lanes that wait at __syncthreads for lane 0."""
+    kernel, _, line = BARRIERS["thread kernel: R_b staged before use"]
+    source = (KERNELS / "mxfp4_quant.cu").read_text()
+    (tmp_path / "mxfp4_quant.cu").write_text(source.replace(line, "    if (threadIdx.x == 0) __syncwarp(); else __syncthreads();\n"))
+    exe = build_harness(tmp_path / "kernel_harness", kernel_dir=tmp_path)
+    x = np.zeros((4, 32), np.float32)
+    r = np.eye(32, dtype=np.float32)
+    res = subprocess.run([str(exe), *map(str, rotate_args(cuda.ROTATE_KERNELS[kernel], x, r, "floor"))], input=x.tobytes() + r.tobytes(),
+                         capture_output=True, timeout=60)
+    assert res.returncode != 0 and "deadlock" in res.stderr.decode(), res.stderr.decode()[-2000:]

@@ -5,8 +5,9 @@ held-out text (strided 512-token windows, as ``torq-onnx eval``) and, for models
 with a KV cache, greedy decode tokens/s after a 512-token prefill (1 / the median of 64
 steps), each with its ratio to the first model (the float one). Forward passes and decode
 steps are timed round-robin across the models, so a machine whose speed drifts (a shared
-VM) slows every model alike. Run:
-  python tools/bench_cpu_speed.py FLOAT.onnx QUANT.onnx [MORE.onnx ...] --tokenizer-dir DIR [--max-tokens 8192]
+VM) slows every model alike. With ``--custom-ops`` every quantized model also gets a row
+run with the compiled custom-op library (``NAME +lib``) beside its function-body row. Run:
+  python tools/bench_cpu_speed.py FLOAT.onnx QUANT.onnx [MORE.onnx ...] --tokenizer-dir DIR [--max-tokens 8192] [--custom-ops]
 """
 
 from __future__ import annotations
@@ -66,19 +67,23 @@ def main() -> None:
     ap.add_argument("models", nargs="+", help="the float model first")
     ap.add_argument("--tokenizer-dir", required=True)
     ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--custom-ops", action="store_true", help="add a row per quantized model with the compiled op library")
     args = ap.parse_args()
     ids = evaluation_ids(models.load_tokenizer(Path(args.tokenizer_dir)), None, args.max_tokens)
-    sessions = [load_session(path) for path in args.models]
+    rows = [(str(Path(path).parent.name or path), path, False) for path in args.models]
+    if args.custom_ops:  # the float model has no torq ops: no library row for it
+        rows = [rows[0]] + [r for name, path, _ in rows[1:] for r in ((name, path, False), (f"{name} +lib", path, True))]
+    sessions = [load_session(path, custom_ops=lib) for _, path, lib in rows]
     pass_ms = [1e3 * t for t in round_robin([forward_pass(s, ids[:512]) for s in sessions], rounds=7)]
     steps = [decode_step(s, ids[:512]) for s in sessions]
     step_s = iter(round_robin([st for st in steps if st], rounds=64))
     tps = [1 / next(step_s) if st else float("nan") for st in steps]
     print(f"{'model':<32} {'ms / 512-token pass':>19} {'x float':>7} {'eval s':>7} {'x float':>7} {'decode tok/s':>12} {'x float':>7} {'PPL':>8}")
     base = None
-    for path, session, ms, tok_s in zip(args.models, sessions, pass_ms, tps):
+    for (name, _, _), session, ms, tok_s in zip(rows, sessions, pass_ms, tps):
         res = perplexity(session, ids)
         base = base or (ms, res.seconds, tok_s)
-        name = str(Path(path).parent.name or path)[-32:]
+        name = name[-32:]
         print(f"{name:<32} {ms:>19.1f} {ms / base[0]:>7.2f} {res.seconds:>7.1f} {res.seconds / base[1]:>7.2f} "
               f"{tok_s:>12.1f} {base[2] / tok_s:>7.2f} {res.perplexity:>8.3f}")
     print(f"{ids.size} held-out tokens (seq 512, stride 256); 'x float' is time over the float model's; "

@@ -6,9 +6,14 @@ Three ways to run one model.onnx on held-out token ids (strided 512-token window
   cuda-thread, cuda-warp
             the split runner: ORT CUDA segments + a fused CuPy kernel (a thread or a warp
             per MX block), one stream
+  cpu-lib   ORT CPU, whole graph, the op as the compiled custom-op library's CPU kernel
+  cuda-lib-thread, cuda-lib-warp
+            ORT CUDA EP, whole graph, the op as the library's CUDA kernel (either fused
+            kernel) on ORT's stream: one ORT run per pass
 For each: perplexity, KL divergence from and top-1 agreement with the cpu run, time per
 512-token forward pass (median of 10) and the tokens/s it gives. Needs onnxruntime-gpu
-and CuPy for the CUDA rows.
+and CuPy for the CUDA rows; the library rows build the library (g++, nvcc, ORT's headers) or
+say why they cannot.
 
 Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokenizer-dir OUT/tokenizer
 """
@@ -21,9 +26,23 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from torq_onnx.errors import TorqError
 from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, perplexity, sliding_windows
-from torq_onnx.runtime_ops import cuda, load_session
+from torq_onnx.runtime_ops import compiled, cuda, load_session
 from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
+
+
+def library_rows(model: str, on_cuda: bool, cuda_options: dict) -> list:
+    """The compiled library's rows: its CPU kernel, and with the CUDA EP both fused kernels."""
+    rows = []
+    try:
+        rows.append(("cpu-lib", load_session(model, custom_ops=True)))
+        for kernel in sorted(cuda.ROTATE_KERNELS) if on_cuda else ():
+            lib = compiled.build_library(cuda=True, kernel=kernel)
+            rows.append((f"cuda-lib-{kernel}", load_session(model, providers=[("CUDAExecutionProvider", cuda_options)], custom_ops=lib)))
+    except TorqError as exc:
+        print(f"compiled library rows left out: {exc}")
+    return rows
 
 
 def main() -> None:
@@ -43,22 +62,24 @@ def main() -> None:
     window = ids[:512]
     cpu = load_session(args.model)
     rows = [("cpu", cpu)]
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        opts = {"use_tf32": args.tf32} if args.tf32 else {}
+    on_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    opts = {"use_tf32": args.tf32} if args.tf32 else {}
+    if on_cuda:
         rows.append(("cuda-fn", load_session(args.model, providers=[("CUDAExecutionProvider", opts)])))
         for kernel in cuda.ROTATE_KERNELS:
             rows.append((f"cuda-{kernel}", SplitSession(args.model, kernel=cupy_kernel(kernel), device="cuda", cuda_options=opts)))
     else:
-        print("onnxruntime-gpu is not installed: CPU row only")
+        print("onnxruntime-gpu is not installed: no CUDA rows")
+    rows += library_rows(args.model, on_cuda, opts)
     reference = Reference(cpu, cache=True)
     for w in sliding_windows(int(ids.size), 512, 256):  # the cpu logits, computed once, outside the timed runs
         reference.scored_logprobs(w, ids[w.begin : w.end])
-    print(f"{'run':>11} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
+    print(f"{'run':>15} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
     for name, session in rows:
         ms = forward_ms(session, window, repeat=10)
         res = perplexity(session, ids, reference=reference)
         tps = window.size / ms * 1e3
-        print(f"{name:>11} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")
+        print(f"{name:>15} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")
     print(f"{ids.size} tokens; use_tf32={args.tf32 or 'default'}; onnxruntime {ort.__version__}; providers {ort.get_available_providers()}")
 
 

@@ -1,11 +1,12 @@
 // A host emulator of the CUDA features the torq kernels use, so that their thread mapping
 // (indexing, shared-memory tiles, warp collectives, tails) runs on any CPU: every CUDA thread
-// of a CTA is a std::thread, CTAs run one after another, __syncthreads/__syncwarp are
-// barriers and warp collectives exchange values through a per-warp slot array between two
-// barriers. The kernel source is compiled unchanged by g++ with this header force-included.
-// It checks what it can of CUDA's rules (1-D blocks of whole warps, full-warp masks, no
-// collective after a lane of the warp has exited) and aborts with a message otherwise. It
-// does not model the memory system, so it says nothing about speed.
+// of a CTA is a fiber (a std::thread in a ThreadSanitizer build), CTAs run one after another,
+// __syncthreads/__syncwarp are barriers and warp collectives exchange values through a
+// per-warp slot array between two barriers. The kernel source is compiled unchanged by g++
+// with this header force-included. It checks what it can of CUDA's rules (1-D blocks of
+// whole warps, full-warp masks, no collective after a lane of the warp has exited, no
+// barrier that some threads never reach) and aborts with a message otherwise. It does not
+// model the memory system, so it says nothing about speed.
 //
 // Built with -fsanitize=thread it is a race checker: ThreadSanitizer reports two accesses to
 // the same shared (or global) memory, one a write, that no barrier orders. Only
@@ -17,12 +18,17 @@
 #pragma once
 
 #include <math.h>
+#include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 #include <atomic>
 #include <barrier>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -35,7 +41,8 @@
 #define __shared__ static  // one CTA runs at a time, so a static is the CTA's shared memory
 
 struct dim3 {
-    unsigned x = 1, y = 1, z = 1;
+    dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+    unsigned x, y, z;
 };
 struct float4 {
     float x, y, z, w;
@@ -54,15 +61,101 @@ namespace simt {
     std::abort();
 }
 
+#if defined(__SANITIZE_THREAD__)
+// Threads: ThreadSanitizer checks the memory accesses of real threads.
+using Barrier = std::barrier<>;
+#else
+// Fibers: a CTA's threads take turns on one host thread (ucontext), switching only at
+// barriers, so a launch costs no thread creation or wake-ups.
+namespace fibers {
+struct Fiber {
+    ucontext_t context;
+    const void* stack = nullptr;
+    size_t stack_size = 0;
+    bool done = false;
+};
+inline ucontext_t scheduler;
+inline Fiber* current = nullptr;
+inline unsigned long long progress = 0;  // barrier phases completed and threads finished
+inline const void* scheduler_stack = nullptr;
+inline size_t scheduler_stack_size = 0;
+
+// AddressSanitizer's fiber annotations: it must know which stack runs (else it may report
+// false stack errors); no-ops in other builds.
+#if defined(__SANITIZE_ADDRESS__)
+inline void* leaving(const void* to, size_t size) {
+    void* fake = nullptr;
+    __sanitizer_start_switch_fiber(&fake, to, size);
+    return fake;
+}
+inline void arrived(void* fake, bool from_scheduler) {
+    __sanitizer_finish_switch_fiber(fake, from_scheduler ? &scheduler_stack : nullptr, from_scheduler ? &scheduler_stack_size : nullptr);
+}
+inline void exiting() { __sanitizer_start_switch_fiber(nullptr, scheduler_stack, scheduler_stack_size); }
+#else
+inline void* leaving(const void*, size_t) { return nullptr; }
+inline void arrived(void*, bool) {}
+inline void exiting() {}
+#endif
+
+inline void yield() {
+    void* fake = leaving(scheduler_stack, scheduler_stack_size);
+    swapcontext(&current->context, &scheduler);
+    arrived(fake, true);
+}
+// getcontext returns twice: kept out of the launch loop, whose locals it would clobber
+[[gnu::noinline]] inline void prepare(Fiber& f, char* stack, size_t size, void (*entry)()) {
+    f.done = false;
+    f.stack = stack;
+    f.stack_size = size;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = stack;
+    f.context.uc_stack.ss_size = size;
+    f.context.uc_link = &scheduler;
+    makecontext(&f.context, entry, 0);
+}
+[[gnu::noinline]] inline void resume(Fiber& f) {
+    current = &f;
+    void* fake = leaving(f.stack, f.stack_size);
+    swapcontext(&scheduler, &f.context);
+    arrived(fake, false);
+}
+}  // namespace fibers
+
+// std::barrier's arrive_and_wait / arrive_and_drop for fibers: a waiting fiber yields until
+// the phase it arrived in completes.
+class Barrier {
+   public:
+    explicit Barrier(int expected) : expected_(expected) {}
+    void arrive_and_wait() {
+        const unsigned long long phase = phase_;
+        if (++arrived_ == expected_) return complete();
+        while (phase_ == phase) fibers::yield();
+    }
+    void arrive_and_drop() {
+        if (--expected_ == arrived_ && arrived_ > 0) complete();
+    }
+
+   private:
+    void complete() {
+        arrived_ = 0;
+        ++phase_;
+        ++fibers::progress;
+    }
+    int expected_, arrived_ = 0;
+    unsigned long long phase_ = 0;
+};
+#endif
+
 struct Warp {
-    std::barrier<> sync{32};
+    Barrier sync{32};
     std::atomic<int> alive{32};
     unsigned long long slot[32];
 };
 
 struct Cta {
-    explicit Cta(unsigned threads) : sync(threads), warps(new Warp[threads / 32]) {}
-    std::barrier<> sync;
+    explicit Cta(unsigned threads) : sync((int)threads), warps(new Warp[threads / 32]) {}
+    Barrier sync;
     std::unique_ptr<Warp[]> warps;
 };
 
@@ -129,33 +222,101 @@ inline T shuffle(unsigned mask, T v, unsigned src_lane) {
     return out;
 }
 
-// Runs kernel(args...) on a grid of CTAs.
+#if defined(__SANITIZE_THREAD__)
+// Runs kernel(args...) on a grid of CTAs, one after another, on a pool of block.x host threads.
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
     if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32) fail("only 1-D blocks of whole warps are emulated");
     gridDim = grid;
     blockDim = block;
+    std::barrier<> start(block.x + 1), done(block.x + 1);  // the pool and this thread, per CTA
+    std::unique_ptr<Cta> c;
+    dim3 current;
+    bool finished = false;
+    std::vector<std::thread> pool;
+    pool.reserve(block.x);
+    for (unsigned t = 0; t < block.x; ++t)
+        pool.emplace_back([&, t] {
+            threadIdx = dim3{t, 0, 0};
+            for (;;) {
+                start.arrive_and_wait();
+                if (finished) return;
+                blockIdx = current;
+                kernel(args...);
+                Warp& w = warp();  // an exited thread no longer holds up its warp or CTA
+                w.alive.fetch_sub(1);
+                w.sync.arrive_and_drop();
+                c->sync.arrive_and_drop();
+                done.arrive_and_wait();
+            }
+        });
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                c = std::make_unique<Cta>(block.x);
+                cta = c.get();
+                current = dim3{bx, by, bz};
+                start.arrive_and_wait();
+                done.arrive_and_wait();
+            }
+    finished = true;
+    start.arrive_and_wait();
+    for (auto& th : pool) th.join();
+    cta = nullptr;
+}
+
+#else
+inline std::function<void()> thread_body;  // the running launch's kernel call and exit
+inline void fiber_entry() {
+    fibers::arrived(nullptr, true);
+    thread_body();
+    fibers::current->done = true;
+    fibers::exiting();  // returning resumes the scheduler (uc_link)
+}
+
+// Runs kernel(args...) on a grid of CTAs, one after another, each CTA's threads as fibers
+// taken in turn; a round in which no fiber gets past a barrier or finishes is a deadlock (a
+// barrier some threads of the CTA or warp never reach), reported instead of hanging.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+    if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32) fail("only 1-D blocks of whole warps are emulated");
+    gridDim = grid;
+    blockDim = block;
+    constexpr size_t kStack = 256 << 10;
+    std::vector<fibers::Fiber> fs(block.x);
+    std::unique_ptr<char[]> stacks(new char[kStack * block.x]);
+    thread_body = [&] {
+        kernel(args...);
+        Warp& w = warp();  // an exited thread no longer holds up its warp or CTA
+        w.alive.fetch_sub(1);
+        w.sync.arrive_and_drop();
+        cta->sync.arrive_and_drop();
+    };
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 Cta c(block.x);
                 cta = &c;
-                std::vector<std::thread> threads;
-                threads.reserve(block.x);
-                for (unsigned t = 0; t < block.x; ++t)
-                    threads.emplace_back([&, t] {
+                for (unsigned t = 0; t < block.x; ++t) fibers::prepare(fs[t], stacks.get() + t * kStack, kStack, fiber_entry);
+                for (unsigned left = block.x; left > 0;) {
+                    const unsigned long long before = fibers::progress;
+                    for (unsigned t = 0; t < block.x; ++t) {
+                        if (fs[t].done) continue;
                         threadIdx = dim3{t, 0, 0};
                         blockIdx = dim3{bx, by, bz};
-                        kernel(args...);
-                        Warp& w = warp();  // an exited thread no longer holds up its warp or CTA
-                        w.alive.fetch_sub(1);
-                        w.sync.arrive_and_drop();
-                        c.sync.arrive_and_drop();
-                    });
-                for (auto& th : threads) th.join();
+                        fibers::resume(fs[t]);
+                        if (fs[t].done) {
+                            --left;
+                            ++fibers::progress;
+                        }
+                    }
+                    if (left > 0 && fibers::progress == before) fail("deadlock: a barrier that not every thread of its CTA or warp reaches");
+                }
                 cta = nullptr;
             }
+    thread_body = nullptr;
 }
+#endif
 
 }  // namespace simt
 

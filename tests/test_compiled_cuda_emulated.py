@@ -1,0 +1,173 @@
+"""The compiled library's CUDA side (runtime_ops/ort_custom_ops_cuda.cu: the host function the
+CUDA EP kernel calls, its group-mixing and float16 kernels, and the fused kernel as it
+launches it) run on the CPU, compiled unchanged by g++ against an emulated CUDA runtime
+(tests/simt/cuda_shim: tracked device memory, checked copies and launches) and the thread
+emulator, under AddressSanitizer. Its output must be the CPU library's, bit for bit, as the
+GPU test (``-m gpu``) requires of a real CUDA session. What stays GPU-only: ORT's CUDA EP
+itself (node placement, the compute stream, its allocator) and stream ordering."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto
+
+from torq_onnx.runtime_ops import compiled, cuda
+from torq_onnx.runtime_ops import functions as F
+
+from test_compiled_ops import op_model, run
+from test_cuda_emulated import CXX, KERNELS, SIMT
+from test_runtime_ops import same
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+
+
+def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Path = KERNELS) -> Path:
+    """library_harness.cpp with ort_custom_ops_cuda.cu from ``source_dir`` (a mutated copy in
+    the tests that show the checks can fail), built with ``kernel``'s launch geometry as the
+    library is; ``max_grid_y`` lowers the grid's y limit so that a launch is split in chunks."""
+    defines = compiled._launch_defines(kernel)
+    if max_grid_y is not None:
+        defines = [d for d in defines if not d.startswith("-DTORQ_MAX_GRID_Y=")] + [f"-DTORQ_MAX_GRID_Y={max_grid_y}"]
+    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+           *SANITIZE, "-DTORQ_ORTOPS_CUDA", *defines, "-include", str(SIMT / "simt_host.h"), f"-I{SIMT / 'cuda_shim'}",
+           f"-I{source_dir}", f"-I{KERNELS}", "-o", str(exe), str(SIMT / "library_harness.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return exe
+
+
+@pytest.fixture(scope="module", params=sorted(cuda.ROTATE_KERNELS))
+def harness(request, tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("simt-lib") / "library_harness", request.param)
+
+
+@dataclass
+class Case:
+    """One node's inputs: x [rows, 32 * blocks], r_inter [groups, groups], r_intra."""
+    x: np.ndarray
+    r_inter: np.ndarray
+    r_intra: np.ndarray
+    quantize: bool = True
+
+    @property
+    def model(self):
+        dtype = TensorProto.FLOAT16 if self.x.dtype == np.float16 else TensorProto.FLOAT
+        return op_model(self.x.shape[1], F.ROTATE_QUANTIZE if self.quantize else F.ROTATE, dtype=dtype,
+                        r_inter=self.r_inter, r_intra=self.r_intra)
+
+
+def make_case(rng: np.random.Generator, dtype=np.float32, groups: int = 1, per_block: bool = False, quantize: bool = True,
+              rows: int = 133, blocks: int = 5) -> Case:
+    x = (rng.standard_normal((rows, 32 * blocks)) * np.exp(rng.standard_normal(32 * blocks))).astype(dtype)
+    x[7, 32:64] = 0  # a zero block
+    x[9, 70] = np.nan  # a NaN block (spread over all blocks by a dense R_inter)
+    r_inter = np.ones((1, 1), np.float32) if groups == 1 else np.linalg.qr(rng.standard_normal((groups, groups)))[0].astype(np.float32)
+    r_intra = (rng.standard_normal((blocks, 32, 32) if per_block else (32, 32)) / np.sqrt(32)).astype(np.float32)
+    return Case(x, r_inter, r_intra, quantize)
+
+
+def emulate(exe: Path, cases: list[Case]) -> tuple[list[np.ndarray], str]:
+    """One node's calls, in order, on one state: each case's y, and the harness's report."""
+    first = cases[0]
+    rows, d = first.x.shape
+    assert all(c.x.shape == first.x.shape and c.x.dtype == first.x.dtype and c.r_inter.shape == first.r_inter.shape
+               and c.r_intra.shape == first.r_intra.shape and c.quantize == first.quantize for c in cases)
+    args = [rows, d // 32, first.r_inter.shape[0], int(first.r_intra.ndim == 3), int(first.x.dtype == np.float16),
+            int(first.quantize), repr(F.bump_threshold("floor")), len(cases)]
+    data = b"".join(c.x.tobytes() + c.r_inter.tobytes() + c.r_intra.tobytes() for c in cases)
+    res = subprocess.run([str(exe), *map(str, args)], input=data, capture_output=True, timeout=300)
+    report = res.stderr.decode()
+    assert res.returncode == 0, report[-3000:]
+    out = np.frombuffer(res.stdout, dtype=first.x.dtype)
+    assert out.size == len(cases) * first.x.size
+    return list(out.reshape(len(cases), rows, d)), report
+
+
+CASES = {  # (dtype, groups, per-block R_intra, TorqRotateQuantize): every branch of the host function
+    "f32 identity-inter shared": (np.float32, 1, False, True),
+    "f32 dense-inter per-block": (np.float32, 5, True, True),
+    "f32 two-group-inter rotate": (np.float32, 2, False, False),
+    "f32 identity-inter per-block rotate": (np.float32, 1, True, False),
+    "f16 identity-inter shared": (np.float16, 1, False, True),
+    "f16 dense-inter shared": (np.float16, 5, False, True),
+    "f16 identity-inter per-block rotate": (np.float16, 1, True, False),
+    "f16 two-group-inter per-block": (np.float16, 2, True, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_path_is_bit_identical_to_the_cpu_library(library, harness, name):
+    """Two calls on one node's state (the second finds R_inter's device copy): both give the
+    CPU library's bits, and no device memory is left once the state is freed."""
+    dtype, groups, per_block, quantize = CASES[name]
+    rng = np.random.default_rng(sorted(CASES).index(name))
+    first = make_case(rng, dtype, groups, per_block, quantize)
+    second = Case(make_case(rng, dtype).x, first.r_inter, first.r_intra, quantize)
+    got, report = emulate(harness, [first, second])
+    for case, y in zip((first, second), got):
+        assert same(y, run(case.model, library, case.x))
+    assert "device-allocations-left 0" in report
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_launches_split_at_the_grid_limit_cover_every_row(library, tmp_path, quantize):
+    """With the grid's y limit lowered to one row tile, 300 rows of the `thread` kernel take
+    three launches (the row offsets of every chunk, a partial last one) and still give the
+    CPU library's bits."""
+    exe = build(tmp_path / "library_harness", "thread", max_grid_y=1)
+    case = make_case(np.random.default_rng(20), groups=5, quantize=quantize, rows=300)
+    [y], report = emulate(exe, [case])
+    assert same(y, run(case.model, library, case.x))
+    assert "launches 4 " in report  # the group mix and three chunks
+
+
+def test_a_changed_r_inter_is_used_not_the_cached_copy(library, harness):
+    """R_inter fed as a graph input may change between calls: the second call's values go
+    through the call's own scratch copy (the node's device copy stays as other calls may be
+    reading it), and each call gives the CPU library's bits for its own R_inter."""
+    rng = np.random.default_rng(21)
+    first = make_case(rng, groups=5, per_block=True)
+    second = make_case(rng, groups=5, per_block=True)
+    third = Case(make_case(rng).x, first.r_inter, first.r_intra)  # back to the cached values
+    got, report = emulate(harness, [first, second, third])
+    for case, y in zip((first, second, third), got):
+        assert same(y, run(case.model, library, case.x))
+    assert "device-allocations-left 0" in report
+
+
+# Bugs the emulation must catch, each as (the line in ort_custom_ops_cuda.cu, its mutation,
+# the message that reports it).
+MUTATIONS = {
+    "host R_inter handed to the kernel": (
+        "(src, r_dev, xf, total,", "(src, r_inter, xf, total,", "a kernel argument points to host memory"),
+    "scratch sized short": ("    if (s.half) l.y = take(total);\n", "    if (s.half) l.y = take(total / 2);\n", "heap-buffer-overflow"),
+    "y's float32 view left unconverted": (
+        "    if (shape->half) TORQ_LAUNCH(torq_float_to_half,", "    if (false) TORQ_LAUNCH(torq_float_to_half,", None),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_the_emulation_catches_a_broken_host_function(library, tmp_path, mutation):
+    """The checks above can fail: each mutation of the host function is reported by the
+    emulated runtime or AddressSanitizer, or (None) gives output that differs from the CPU
+    library's."""
+    line, mutated, message = MUTATIONS[mutation]
+    source = (KERNELS / "ort_custom_ops_cuda.cu").read_text()
+    assert source.count(line) == 1, f"no longer in ort_custom_ops_cuda.cu: {line!r}"
+    (tmp_path / "ort_custom_ops_cuda.cu").write_text(source.replace(line, mutated))
+    exe = build(tmp_path / "library_harness", "thread", source_dir=tmp_path)
+    case = make_case(np.random.default_rng(22), np.float16, groups=5)
+    if message is None:
+        [y], _ = emulate(exe, [case])
+        assert not same(y, run(case.model, library, case.x))
+        return
+    args = [133, 5, 5, 0, 1, 1, repr(F.bump_threshold("floor")), 1]
+    res = subprocess.run([str(exe), *map(str, args)], input=case.x.tobytes() + case.r_inter.tobytes() + case.r_intra.tobytes(),
+                         capture_output=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr.decode(), res.stderr.decode()[-3000:]
