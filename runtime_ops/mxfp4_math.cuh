@@ -8,6 +8,16 @@
 
 #define TORQ_FLT_MAX 3.402823466e+38f
 
+// Two steps below have a device form (what GPU code compiles) and a host form that a host
+// compiler vectorizes; both give the same values. TORQ_DEVICE_MATH selects the device form
+// in a host build too, so the host tests (and the thread emulator, tests/simt) also run the
+// arithmetic the GPU runs, and compare it with the host form.
+#if defined(__CUDA_ARCH__) || defined(TORQ_DEVICE_MATH)
+#define TORQ_DEVICE_FORM 1
+#else
+#define TORQ_DEVICE_FORM 0
+#endif
+
 __host__ __device__ inline float torq_nan() { return nanf(""); }  // the output of a NaN/Inf block
 
 // Bit casts: the scale arithmetic below uses exact powers of two built from bits rather
@@ -56,7 +66,7 @@ __host__ __device__ inline int torq_mxfp4_exponent(float amax, float bump) {
 // min(a, b) of operands that are never NaN: fminf on the GPU (one instruction); on the host a
 // compare, which the compiler vectorizes (it does not vectorize fminf's NaN rule).
 __host__ __device__ inline float torq_min(float a, float b) {
-#ifdef __CUDA_ARCH__
+#if TORQ_DEVICE_FORM
     return fminf(a, b);
 #else
     return a < b ? a : b;
@@ -66,7 +76,7 @@ __host__ __device__ inline float torq_min(float a, float b) {
 // E2M1 magnitude of a scaled magnitude q >= 0: round half to even on the grid
 // {0, .5, 1, 1.5, 2, 3, 4, 6} (step .5 below 2, 1 below 4, 2 above), saturating at 6.
 __host__ __device__ inline float torq_e2m1_round(float q) {
-#ifdef __CUDA_ARCH__
+#if TORQ_DEVICE_FORM
     float r = q < 2.f ? rintf(q * 2.f) * 0.5f : (q < 4.f ? rintf(q) : rintf(q * 0.5f) * 2.f);
 #else  // the same value as a select of all three candidates, which a host compiler vectorizes
     const float fine = rintf(q * 2.f) * 0.5f, unit = rintf(q), coarse = rintf(q * 0.5f) * 2.f;
@@ -98,7 +108,7 @@ __host__ __device__ inline void torq_mxfp4_block(const float* z, float* y, float
     }
     const int e = (bad || amax == 0.f) ? 0 : torq_mxfp4_exponent(amax, bump);
     const float down = torq_pow2(-e), up = torq_pow2(e);
-#ifdef __CUDA_ARCH__
+#if TORQ_DEVICE_FORM
 #pragma unroll  // fully unrolled, a kernel keeps z and y in registers (72 a thread on sm_90)
     for (int i = 0; i < 32; ++i) y[i] = bad ? torq_nan() : (amax == 0.f ? 0.f : torq_mxfp4_scaled(z[i], down, up));
 #else  // the same values with the block-wide cases first: no per-element branch, so the host compiler vectorizes

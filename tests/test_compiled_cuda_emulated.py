@@ -20,7 +20,7 @@ from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops import functions as F
 
 from test_compiled_ops import op_model, run
-from test_cuda_emulated import CXX, KERNELS, SIMT
+from test_cuda_emulated import CXX, DEVICE_MATH, KERNELS, SIMT
 from test_runtime_ops import same
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
@@ -35,7 +35,7 @@ def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Pat
     if max_grid_y is not None:
         defines = [d for d in defines if not d.startswith("-DTORQ_MAX_GRID_Y=")] + [f"-DTORQ_MAX_GRID_Y={max_grid_y}"]
     cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-           *SANITIZE, "-DTORQ_ORTOPS_CUDA", *defines, "-include", str(SIMT / "simt_host.h"), f"-I{SIMT / 'cuda_shim'}",
+           *SANITIZE, *DEVICE_MATH, "-DTORQ_ORTOPS_CUDA", *defines, "-include", str(SIMT / "simt_host.h"), f"-I{SIMT / 'cuda_shim'}",
            f"-I{source_dir}", f"-I{KERNELS}", "-o", str(exe), str(SIMT / "library_harness.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr

@@ -130,9 +130,10 @@ def test_agrees_with_the_function_body_up_to_summation_order(library):
 
 
 def test_compiled_op_is_bit_identical_to_the_cuda_kernels(library, tmp_path):
-    """The CUDA kernels (mxfp4_quant.cu on the host emulator, both thread mappings) and the
-    compiled CPU op compute the same fmaf chains and quantizer, so the same bits: what a GPU
-    session computes, a CPU session with the library reproduces."""
+    """The CUDA kernels (mxfp4_quant.cu on the host emulator, both thread mappings, with the
+    device form of mxfp4_math.cuh) and the compiled CPU op (its host form) compute the same
+    fmaf chains and quantizer, so the same bits: what a GPU session computes, a CPU session
+    with the library reproduces."""
     from test_cuda_emulated import CXX, build_harness, rotate_quant
 
     if CXX is None:

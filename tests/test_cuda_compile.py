@@ -66,10 +66,12 @@ def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch
         assert "ld.global.nc.v4.f32" in bodies[kernel]
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["host form", "device form"])
+def harness(request, tmp_path_factory) -> Path:
+    """The host harness with mxfp4_math.cuh's host form (what the compiled CPU op runs) or
+    its device form (what GPU code compiles: TORQ_DEVICE_MATH)."""
     exe = tmp_path_factory.mktemp("cuda") / "mxfp4_host_harness"
-    nvcc("-o", str(exe), str(SRC / "mxfp4_host_harness.cu"))
+    nvcc(*(["-DTORQ_DEVICE_MATH"] if request.param == "device form" else []), "-o", str(exe), str(SRC / "mxfp4_host_harness.cu"))
     return exe
 
 

@@ -29,13 +29,14 @@ KERNELS = Path(F.__file__).parent  # runtime_ops/: mxfp4_quant.cu and mxfp4_math
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
 TSAN = ["-fsanitize=thread", "-g"]
+DEVICE_MATH = ["-DTORQ_DEVICE_MATH"]  # mxfp4_math.cuh's device form, as the GPU compiles it
 
 
 def build_harness(exe: Path, *flags: str, kernel_dir: Path = KERNELS) -> Path:
     """kernel_harness.cpp with mxfp4_quant.cu taken from kernel_dir (a mutated copy in the
-    race-checker tests) and mxfp4_math.cuh from runtime_ops/."""
+    race-checker tests) and mxfp4_math.cuh from runtime_ops/, in its device form."""
     cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-           *flags, "-include", str(SIMT / "simt_host.h"), f"-I{kernel_dir}", f"-I{KERNELS}",
+           *DEVICE_MATH, *flags, "-include", str(SIMT / "simt_host.h"), f"-I{kernel_dir}", f"-I{KERNELS}",
            "-o", str(exe), str(SIMT / "kernel_harness.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
