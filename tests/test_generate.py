@@ -114,33 +114,69 @@ def test_a_model_without_a_kv_cache_is_refused(tmp_path):
         CachedDecoder(load_session(path))
 
 
-def test_onnxruntime_genai_generates_with_the_export(float_export, w4a4_export):
+def genai_greedy(out, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after ``prompt`` from onnxruntime-genai on the export folder ``out``."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed beside this onnxruntime")
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], dtype=np.int32))
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    return tokens
+
+
+def cached_greedy(session, prompt: list[int], n: int) -> list[int]:
+    """The same with this project's KV-cache decoder on ``session``."""
+    decoder = CachedDecoder(session)
+    logits, cache = decoder.step(np.array(prompt), 0, decoder.empty_cache())
+    ours = []
+    while len(ours) < n:
+        ours.append(int(np.argmax(logits)))
+        logits, cache = decoder.step(np.array(ours[-1:]), len(prompt) + len(ours) - 1, cache)
+    return ours
+
+
+GENAI_PROMPT = [5, 9, 14, 20, 11, 30]
+
+
+def test_onnxruntime_genai_generates_with_the_export(float_export, w4a4_export):
     config = json.loads((w4a4_export / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_hidden_layers"] == 2 and config["model"]["context_length"] == 256
-
-    def genai_greedy(out, prompt: list[int], n: int) -> list[int]:
-        model = og.Model(str(out))
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + n, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(np.array([prompt], dtype=np.int32))
-        tokens = []
-        while not gen.is_done():
-            gen.generate_next_token()
-            tokens.append(int(gen.get_next_tokens()[0]))
-        return tokens
-
-    prompt = [5, 9, 14, 20, 11, 30]
     for out in (float_export, w4a4_export):  # quantization off, and W4A4 with the torq ops
-        got = genai_greedy(out, prompt, 12)
-        decoder = CachedDecoder(load_session(out / "model.onnx"))
-        logits, cache = decoder.step(np.array(prompt), 0, decoder.empty_cache())
-        ours = []
-        while len(ours) < len(got):
-            ours.append(int(np.argmax(logits)))
-            logits, cache = decoder.step(np.array(ours[-1:]), len(prompt) + len(ours) - 1, cache)
-        assert got == ours, out.name
+        got = genai_greedy(out, GENAI_PROMPT, 12)
+        assert got == cached_greedy(load_session(out / "model.onnx"), GENAI_PROMPT, len(got)), out.name
+
+
+def test_genai_runs_the_compiled_ops_bundled_into_the_export(library, w4a4_export, tmp_path):
+    """``build-ops --genai OUT`` copies the library into OUT and names it in genai_config.json:
+    genai then generates what the compiled-op session does, and it really loads the copy (a
+    corrupted one fails the model's creation)."""
+    import shutil
+
+    out = tmp_path / "w4a4"
+    shutil.copytree(w4a4_export, out)
+    res = CliRunner().invoke(app, ["build-ops", "--genai", str(out)])
+    assert res.exit_code == 0, res.output
+    bundled = out / "libtorq_ortops.so"
+    assert res.output.strip() == str(bundled) and bundled.is_file()
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == bundled.name
+    got = genai_greedy(out, GENAI_PROMPT, 12)
+    assert got == cached_greedy(load_session(out / "model.onnx", custom_ops=bundled), GENAI_PROMPT, len(got))
+    bundled.write_bytes(b"not a library")
+    import onnxruntime_genai as og
+
+    with pytest.raises(Exception):
+        og.Model(str(out))
+
+
+def test_bundling_needs_a_genai_export(tmp_path):
+    res = CliRunner().invoke(app, ["build-ops", "--genai", str(tmp_path)])
+    assert res.exit_code != 0 and "no genai_config.json" in res.output
 
 
 def test_large_exports_use_external_data_and_load_back(tiny_llama_dir, tmp_path, monkeypatch):

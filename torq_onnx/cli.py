@@ -204,13 +204,19 @@ def build_ops(
     arch: list[str] = typer.Option(["sm_80", "sm_90"], help="CUDA: GPU architectures to build for (repeatable)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the library here (default: the cache, reused while "
                                        "nothing changes)"),
+    genai: Optional[Path] = typer.Option(None, help="An export folder: copy the library into it and name it in its "
+                                         "genai_config.json, so onnxruntime-genai runs the compiled ops"),
 ) -> None:
     """Build the compiled torq custom-op library and print its path; load it with
-    SessionOptions.register_custom_ops_library(PATH), or pass --custom-ops to eval/generate."""
+    SessionOptions.register_custom_ops_library(PATH), or pass --custom-ops to eval/generate,
+    or bundle it into an export for onnxruntime-genai with --genai OUT."""
+    from torq_onnx.genai import bundle_custom_ops
     from torq_onnx.runtime_ops import compiled
 
     try:
         path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch), output=out)
+        if genai is not None:
+            path = bundle_custom_ops(genai, path)
     except (TorqError, ValueError) as exc:
         _fail(exc)
-    Console(highlight=False).print(str(path))
+    Console(highlight=False, soft_wrap=True).print(str(path))  # a path to copy: never wrapped

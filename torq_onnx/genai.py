@@ -57,3 +57,31 @@ def genai_config(model_ir: ir.Model, hf_dir: Path | None) -> dict | None:
             "diversity_penalty": 0.0, "no_repeat_ngram_size": 0, "early_stopping": True, "past_present_share_buffer": False,
         },
     }
+
+
+CONFIG_FILE = "genai_config.json"
+
+
+def bundle_custom_ops(out_dir: Path, library: Path) -> Path:
+    """Copy the compiled custom-op ``library`` into the export ``out_dir`` and name it in its
+    genai config (the decoder's ``session_options.custom_ops_library``), so onnxruntime-genai
+    runs the compiled ops instead of their function bodies. genai loads such a library only
+    from inside the model folder, so it is copied rather than referenced. Both files are
+    written atomically; returns the copy's path."""
+    from torq_onnx.atomic import write_bytes_atomic, write_text_atomic
+    from torq_onnx.errors import TorqError
+
+    config_path = Path(out_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise TorqError(f"no {CONFIG_FILE} in {out_dir}: onnxruntime-genai runs exports of decoders with a KV cache")
+    try:
+        config = json.loads(config_path.read_text())
+        session_options = config["model"]["decoder"]["session_options"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TorqError(f"{config_path} is not a genai config with model.decoder.session_options: {exc}") from exc
+    name = Path(library).name.split("-")[0].removesuffix(".so") + ".so"  # the cache's content hash dropped
+    target = write_bytes_atomic(Path(out_dir) / name, Path(library).read_bytes())
+    target.chmod(0o755)
+    session_options["custom_ops_library"] = target.name  # genai resolves it against the model folder
+    write_text_atomic(config_path, json.dumps(config, indent=2))
+    return target
