@@ -1,6 +1,6 @@
 """An exported torq model in ONNX Runtime on the GPU, against the same model on the CPU.
 
-Three ways to run one model.onnx on held-out token ids (strided 512-token windows):
+The ways to run one model.onnx on held-out token ids (strided 512-token windows):
   cpu       ORT CPU, whole graph (the op inlined from its ONNX function): the reference
   cuda-fn   ORT CUDA EP, whole graph: the op's ONNX function body run by ORT's CUDA kernels
   cuda-thread, cuda-warp

@@ -15,9 +15,12 @@
 # and in the last call, carry=[DEST/pN]:
 #   cp DEST/pN/chunk.* /tmp/carry/ && cat /tmp/carry/chunk.* | tar xf - -C /tmp &&
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl &&
-#   PYTHONPATH=/tmp/site TORQ_VERIFY_EXPORT=/tmp/out bash tools/gpu_verify.sh --quick
-# (/tmp/site shadows the image's CPU onnxruntime, so the process sees only onnxruntime-gpu;
-# TORQ_VERIFY_STAGES picks gpu_verify.sh's stages when one call cannot hold them all.)
+#   PYTHONPATH=/tmp/site TORQ_VERIFY_EXPORT=/tmp/out TORQ_VERIFY_STAGES="tests ops session" \
+#     bash tools/gpu_verify.sh --quick
+# (/tmp/site shadows the image's CPU onnxruntime, so the process sees only onnxruntime-gpu.)
+# On this project's 2-core machine the two exports take 3 min and the session stage 1.5 min
+# per model for its CPU rows; the sanitizers (up to 4 min each) and the split benchmark go in
+# a later call (TORQ_VERIFY_STAGES="sanitizers split") if device time is left.
 set -euo pipefail
 dest=${1:-.gpu-carry}
 python=${GPU_PYTHON_VERSION:-3.12}  # the device image's python3

@@ -11,8 +11,9 @@
 #   session     tools/bench_cuda_session.py on the model (CPU, CUDA EP function body, split
 #               runner, compiled library on CPU and on the CUDA EP: PPL, KL and top-1 vs CPU)
 # The last two need a model: TORQ_VERIFY_MODEL=OUT/model.onnx (an export), or
-# TORQ_VERIFY_EXPORT=DIR to export the default model there first (needs the packages
-# tools/gpu_carry.sh packs). Logs go to ${OUT:-gpu-verify-logs}.
+# TORQ_VERIFY_EXPORT=DIR to export the default model there first, and for the session stage
+# also a float export (quantization off) in DIR-float (needs the packages tools/gpu_carry.sh
+# packs). Logs go to ${OUT:-gpu-verify-logs}.
 # onnxruntime-gpu is optional: with only the CPU onnxruntime, the tests that need the CUDA EP
 # skip, the benchmarks' ORT columns read n/a and the split and session stages are skipped.
 # Run from the repository root: bash tools/gpu_verify.sh [--quick]   (--quick: bench_ops' small table)
@@ -61,9 +62,15 @@ if stage ops; then
     python3 tools/bench_ops.py --cuda-only "$@" 2>&1 | tee "$out/bench_ops.txt" || status=1
 fi
 model=${TORQ_VERIFY_MODEL:-}
+float_model=""
 if [ -z "$model" ] && [ -n "${TORQ_VERIFY_EXPORT:-}" ] && { stage split || stage session; }; then
     torq-onnx export -o "$TORQ_VERIFY_EXPORT" --calib-samples 32 >"$out/export.log" 2>&1 && model="$TORQ_VERIFY_EXPORT/model.onnx" \
         || { tail -20 "$out/export.log"; status=1; }
+    if stage session; then  # quantization off: the float model's CUDA logits against its CPU ones too
+        torq-onnx export -o "$TORQ_VERIFY_EXPORT-float" --method rtn --weights float --activations float --calib-samples 2 \
+            >"$out/export_float.log" 2>&1 && float_model="$TORQ_VERIFY_EXPORT-float/model.onnx" \
+            || { tail -20 "$out/export_float.log"; status=1; }
+    fi
 fi
 if [ -n "$model" ]; then
     if has_cuda_ep; then
@@ -74,7 +81,10 @@ if [ -n "$model" ]; then
         echo "onnxruntime has no CUDAExecutionProvider: the split-runner benchmark is skipped" | tee "$out/bench_split.txt"
     fi
     if stage session; then
-        python3 tools/bench_cuda_session.py "$model" --tokenizer-dir "$(dirname "$model")" --max-tokens 2048 2>&1 | tee "$out/bench_cuda_session.txt" || status=1
+        for m in $model $float_model; do
+            echo "== $m" | tee -a "$out/bench_cuda_session.txt"
+            python3 tools/bench_cuda_session.py "$m" --tokenizer-dir "$(dirname "$m")" --max-tokens 2048 2>&1 | tee -a "$out/bench_cuda_session.txt" || status=1
+        done
     fi
 fi
 exit $status
