@@ -20,7 +20,8 @@
 # (/tmp/site shadows the image's CPU onnxruntime, so the process sees only onnxruntime-gpu.)
 # On this project's 2-core machine the two exports take 3 min and the session stage 1.5 min
 # per model for its CPU rows; the sanitizers (up to 4 min each) and the split benchmark go in
-# a later call (TORQ_VERIFY_STAGES="sanitizers split") if device time is left.
+# a later call (PYTHONPATH=/tmp/site TORQ_VERIFY_MODEL=/tmp/out/model.onnx
+# TORQ_VERIFY_STAGES="sanitizers split") if device time is left.
 set -euo pipefail
 dest=${1:-.gpu-carry}
 python=${GPU_PYTHON_VERSION:-3.12}  # the device image's python3
