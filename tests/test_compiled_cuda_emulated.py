@@ -20,11 +20,12 @@ from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops import functions as F
 
 from test_compiled_ops import op_model, run
-from test_cuda_emulated import CXX, DEVICE_MATH, KERNELS, SIMT
+from test_cuda_emulated import CXX, DEVICE_MATH, KERNELS, SIMT, sanitizer_missing
 from test_runtime_ops import same
 
-pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+NO_ASAN = sanitizer_missing(SANITIZE)
+pytestmark = pytest.mark.skipif(NO_ASAN is not None, reason=str(NO_ASAN))
 
 
 def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Path = KERNELS) -> Path:

@@ -43,21 +43,21 @@ def build_harness(exe: Path, *flags: str, kernel_dir: Path = KERNELS) -> Path:
     return exe
 
 
-def thread_sanitizer_missing() -> str | None:
-    """Why a ThreadSanitizer build cannot run here, or None when it can."""
+def sanitizer_missing(flags: list[str]) -> str | None:
+    """Why a program built with the sanitizer ``flags`` cannot run here, or None when it can."""
     if CXX is None:
         return "no g++"
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp, "probe.cpp"), Path(tmp, "probe")
         src.write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
-        res = subprocess.run([CXX, "-std=c++20", *TSAN, "-o", str(exe), str(src)], capture_output=True, text=True)
+        res = subprocess.run([CXX, "-std=c++20", *flags, "-o", str(exe), str(src)], capture_output=True, text=True)
         if res.returncode != 0:
-            return f"g++ cannot build with -fsanitize=thread: {res.stderr.strip()[-300:]}"
+            return f"g++ cannot build with {' '.join(flags)}: {res.stderr.strip()[-300:]}"
         res = subprocess.run([str(exe)], capture_output=True, text=True)
-        return f"a ThreadSanitizer program does not run here: {res.stderr.strip()[-300:]}" if res.returncode else None
+        return f"a {' '.join(flags)} program does not run here: {res.stderr.strip()[-300:]}" if res.returncode else None
 
 
-NO_TSAN = thread_sanitizer_missing()
+NO_TSAN = sanitizer_missing(TSAN)
 
 
 @pytest.fixture(scope="module", params=["redux", "shuffle", "tsan"])
