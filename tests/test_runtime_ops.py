@@ -214,3 +214,19 @@ def test_every_e8m0_exponent_decodes_exactly():
 def test_unknown_scale_rule_rejected():
     with pytest.raises(ValueError, match="scale rule"):
         F.make_rotate_quantize_node("x", "a", "b", "y", "banana")
+
+
+def test_a_session_that_would_fall_back_to_the_cpu_is_an_error(tmp_path):
+    """ORT only warns when a requested provider is missing and runs on the CPU instead;
+    load_session refuses, naming the provider (here on an ORT without the CUDA EP)."""
+    from torq_onnx.errors import TorqError
+    from torq_onnx.runtime_ops import load_session
+    from tiny_models import tiny_transformer
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this ORT has the CUDA EP: nothing falls back for want of it")
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_transformer(), path)
+    with pytest.raises(TorqError, match="did not enable CUDAExecutionProvider"):
+        load_session(path, providers=["CUDAExecutionProvider"])
+    assert load_session(path, providers=["CPUExecutionProvider"]).get_providers() == ["CPUExecutionProvider"]
