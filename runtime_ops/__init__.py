@@ -21,6 +21,7 @@ from torq_onnx.runtime_ops.functions import (
     make_dequantize_node,
     make_rotate_quantize_node,
 )
+from torq_onnx.runtime_ops.providers import require_providers
 from torq_onnx.runtime_ops.split_runner import SplitSession
 
 __all__ = [
@@ -64,21 +65,15 @@ def load_session(path, providers=None, sess_options=None, custom_ops=None):
     if not p.is_file():
         raise TorqError(f"no ONNX model at {p}")
     providers = providers or ["CPUExecutionProvider"]
-    names = [pr[0] if isinstance(pr, tuple) else pr for pr in providers]
     opts = register(sess_options)
     if custom_ops:
         from torq_onnx.runtime_ops import compiled
 
-        compiled.register(opts, None if custom_ops is True else custom_ops, cuda="CUDAExecutionProvider" in names)
+        on_cuda = any((pr[0] if isinstance(pr, tuple) else pr) == "CUDAExecutionProvider" for pr in providers)
+        compiled.register(opts, None if custom_ops is True else custom_ops, cuda=on_cuda)
     try:
         session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types with long messages
         raise TorqError(f"ONNX Runtime could not load {p}: {exc}") from exc
-    # ORT falls back to the CPU, with only a warning, when a provider is not installed or its
-    # libraries (CUDA, cuDNN) fail to load: a run asked for on the GPU must not quietly take the CPU
-    missing = [n for n in names if n not in session.get_providers()]
-    if missing:
-        raise TorqError(f"ONNX Runtime did not enable {', '.join(missing)} for {p} (enabled: {', '.join(session.get_providers())}; "
-                        f"installed: {', '.join(ort.get_available_providers())}). For CUDA: onnxruntime-gpu in place of "
-                        "onnxruntime, and CUDA 13's runtime, cuBLAS and cuDNN libraries where the loader finds them")
+    require_providers(session, providers, str(p))
     return session

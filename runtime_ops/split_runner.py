@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops.functions import IR_VERSION
+from torq_onnx.runtime_ops.providers import require_providers
 from torq_onnx.runtime_ops.segments import OnlineOp, Segment, split_model
 
 Kernel = Callable[[object, OnlineOp], object]
@@ -189,6 +190,7 @@ class SplitSession:
         for part in self.parts:
             if isinstance(part, Segment):
                 part.session = ort.InferenceSession(part.model.SerializeToString(), sess_options=options, providers=providers)
+                require_providers(part.session, providers, "a segment of the split model")
                 part.model = None  # a second copy of its weights (on SmolLM2, 240 MB of a 1.76 GB RSS)
         if kernel is None:
             kernel = cupy_kernel() if device == "cuda" else numpy_kernel

@@ -1,0 +1,22 @@
+"""The check that an ORT session runs on the execution providers it was asked for."""
+
+from __future__ import annotations
+
+from torq_onnx.errors import TorqError
+
+
+def require_providers(session, requested: list, what: str) -> None:
+    """Raise a TorqError naming the requested providers ``session`` did not enable.
+
+    ORT falls back to the CPU, with only a warning, when a provider is not installed or its
+    libraries (CUDA, cuDNN) fail to load: a run asked for on the GPU must not quietly take
+    the CPU. ``requested``: provider names or (name, options) pairs; ``what``: the model."""
+    import onnxruntime as ort
+
+    names = [p[0] if isinstance(p, tuple) else p for p in requested]
+    enabled = session.get_providers()
+    missing = [n for n in names if n not in enabled]
+    if missing:
+        raise TorqError(f"ONNX Runtime did not enable {', '.join(missing)} for {what} (enabled: {', '.join(enabled)}; "
+                        f"installed: {', '.join(ort.get_available_providers())}). For CUDA: onnxruntime-gpu in place of "
+                        "onnxruntime, and CUDA 13's runtime, cuBLAS and cuDNN libraries where the loader finds them")
