@@ -73,21 +73,25 @@ def make_case(rng: np.random.Generator, dtype=np.float32, groups: int = 1, per_b
     return Case(x, r_inter, r_intra, quantize)
 
 
-def emulate(exe: Path, cases: list[Case]) -> tuple[list[np.ndarray], str]:
-    """One node's calls, in order, on one state: each case's y, and the harness's report."""
+def invoke(exe: Path, cases: list[Case]) -> subprocess.CompletedProcess:
+    """The harness run on one node's calls, in order, on one state (cases of one shape)."""
     first = cases[0]
-    rows, d = first.x.shape
     assert all(c.x.shape == first.x.shape and c.x.dtype == first.x.dtype and c.r_inter.shape == first.r_inter.shape
                and c.r_intra.shape == first.r_intra.shape and c.quantize == first.quantize for c in cases)
-    args = [rows, d // 32, first.r_inter.shape[0], int(first.r_intra.ndim == 3), int(first.x.dtype == np.float16),
-            int(first.quantize), repr(F.bump_threshold("floor")), len(cases)]
+    args = [first.x.shape[0], first.x.shape[1] // 32, first.r_inter.shape[0], int(first.r_intra.ndim == 3),
+            int(first.x.dtype == np.float16), int(first.quantize), repr(F.bump_threshold("floor")), len(cases)]
     data = b"".join(c.x.tobytes() + c.r_inter.tobytes() + c.r_intra.tobytes() for c in cases)
-    res = subprocess.run([str(exe), *map(str, args)], input=data, capture_output=True, timeout=300)
+    return subprocess.run([str(exe), *map(str, args)], input=data, capture_output=True, timeout=300)
+
+
+def emulate(exe: Path, cases: list[Case]) -> tuple[list[np.ndarray], str]:
+    """Each case's y from one harness run, and the harness's report."""
+    res = invoke(exe, cases)
     report = res.stderr.decode()
     assert res.returncode == 0, report[-3000:]
-    out = np.frombuffer(res.stdout, dtype=first.x.dtype)
-    assert out.size == len(cases) * first.x.size
-    return list(out.reshape(len(cases), rows, d)), report
+    out = np.frombuffer(res.stdout, dtype=cases[0].x.dtype)
+    assert out.size == len(cases) * cases[0].x.size
+    return list(out.reshape(len(cases), *cases[0].x.shape)), report
 
 
 CASES = {  # (dtype, groups, per-block R_intra, TorqRotateQuantize): every branch of the host function
@@ -168,7 +172,5 @@ def test_the_emulation_catches_a_broken_host_function(library, tmp_path, mutatio
         [y], _ = emulate(exe, [case])
         assert not same(y, run(case.model, library, case.x))
         return
-    args = [133, 5, 5, 0, 1, 1, repr(F.bump_threshold("floor")), 1]
-    res = subprocess.run([str(exe), *map(str, args)], input=case.x.tobytes() + case.r_inter.tobytes() + case.r_intra.tobytes(),
-                         capture_output=True, timeout=300)
+    res = invoke(exe, [case])
     assert res.returncode != 0 and message in res.stderr.decode(), res.stderr.decode()[-3000:]

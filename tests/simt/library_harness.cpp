@@ -4,7 +4,7 @@
 // node: one torq_cuda_rotate_quantize call per input set, all on the node's one state, with
 // x, y and r_intra in device memory, r_inter in host memory and a scratch buffer of exactly
 // torq_cuda_scratch_bytes (so an overrun is an AddressSanitizer error), then frees the state
-// and checks that no device memory is left. Built by tests/test_cuda_emulated.py:
+// and checks that no device memory is left. Built by tests/test_compiled_cuda_emulated.py:
 //   library_harness ROWS BLOCKS GROUPS PER_BLOCK HALF QUANTIZE BUMP CALLS
 //     stdin: CALLS x (float32, or float16 if HALF), r_inter [G, G], r_intra ([B,] 32, 32) sets
 //     stdout: CALLS y (x's type);  stderr: "launches L copies C device-allocations-left A"
