@@ -222,6 +222,17 @@ inline T shuffle(unsigned mask, T v, unsigned src_lane) {
     return out;
 }
 
+// One CUDA thread's whole run: the kernel, then its exit, after which it no longer holds up
+// its warp or CTA at a barrier.
+template <class... Params, class... Args>
+inline void run_thread(void (*kernel)(Params...), Args... args) {
+    kernel(args...);
+    Warp& w = warp();
+    w.alive.fetch_sub(1);
+    w.sync.arrive_and_drop();
+    cta->sync.arrive_and_drop();
+}
+
 #if defined(__SANITIZE_THREAD__)
 // Runs kernel(args...) on a grid of CTAs, one after another, on a pool of block.x host threads.
 template <class... Params, class... Args>
@@ -242,11 +253,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
                 start.arrive_and_wait();
                 if (finished) return;
                 blockIdx = current;
-                kernel(args...);
-                Warp& w = warp();  // an exited thread no longer holds up its warp or CTA
-                w.alive.fetch_sub(1);
-                w.sync.arrive_and_drop();
-                c->sync.arrive_and_drop();
+                run_thread(kernel, args...);
                 done.arrive_and_wait();
             }
         });
@@ -285,13 +292,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
     constexpr size_t kStack = 256 << 10;
     std::vector<fibers::Fiber> fs(block.x);
     std::unique_ptr<char[]> stacks(new char[kStack * block.x]);
-    thread_body = [&] {
-        kernel(args...);
-        Warp& w = warp();  // an exited thread no longer holds up its warp or CTA
-        w.alive.fetch_sub(1);
-        w.sync.arrive_and_drop();
-        cta->sync.arrive_and_drop();
-    };
+    thread_body = [&] { run_thread(kernel, args...); };
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
