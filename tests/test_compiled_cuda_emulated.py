@@ -1,13 +1,15 @@
 """The compiled library's CUDA side (runtime_ops/ort_custom_ops_cuda.cu: the host function the
 CUDA EP kernel calls, its group-mixing and float16 kernels, and the fused kernel as it
 launches it) run on the CPU, compiled unchanged by g++ against an emulated CUDA runtime
-(tests/simt/cuda_shim: tracked device memory, checked copies and launches) and the thread
-emulator, under AddressSanitizer. Its output must be the CPU library's, bit for bit, as the
-GPU test (``-m gpu``) requires of a real CUDA session. What stays GPU-only: ORT's CUDA EP
-itself (node placement, the compute stream, its allocator) and stream ordering."""
+(tests/simt/cuda_shim: tracked device memory, checked copies and launches, all work on the
+op's stream, host waits counted) and the thread emulator, under AddressSanitizer. Its output
+must be the CPU library's, bit for bit, as the GPU test (``-m gpu``) requires of a real CUDA
+session. What stays GPU-only: ORT's CUDA EP itself (node placement, the compute stream, its
+allocator) and the GPU's own ordering of the enqueued work."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,10 +108,16 @@ CASES = {  # (dtype, groups, per-block R_intra, TorqRotateQuantize): every branc
 }
 
 
+def host_waits(report: str) -> list[int]:
+    """The host's waits for the device inside each call, from the harness's report."""
+    return [int(n) for n in re.findall(r"call \d+ host-waits (\d+)", report)]
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cuda_path_is_bit_identical_to_the_cpu_library(library, harness, name):
     """Two calls on one node's state (the second finds R_inter's device copy): both give the
-    CPU library's bits, and no device memory is left once the state is freed."""
+    CPU library's bits, the host waits for the device only for the node's first copy of a
+    non-identity R_inter, and no device memory is left once the state is freed."""
     dtype, groups, per_block, quantize = CASES[name]
     rng = np.random.default_rng(sorted(CASES).index(name))
     first = make_case(rng, dtype, groups, per_block, quantize)
@@ -117,6 +125,7 @@ def test_cuda_path_is_bit_identical_to_the_cpu_library(library, harness, name):
     got, report = emulate(harness, [first, second])
     for case, y in zip((first, second), got):
         assert same(y, run(case.model, library, case.x))
+    assert host_waits(report) == [int(groups > 1), 0]
     assert "device-allocations-left 0" in report
 
 
@@ -143,6 +152,7 @@ def test_a_changed_r_inter_is_used_not_the_cached_copy(library, harness):
     got, report = emulate(harness, [first, second, third])
     for case, y in zip((first, second, third), got):
         assert same(y, run(case.model, library, case.x))
+    assert host_waits(report) == [1, 0, 0]  # the changed values go by an asynchronous copy
     assert "device-allocations-left 0" in report
 
 
@@ -151,6 +161,9 @@ def test_a_changed_r_inter_is_used_not_the_cached_copy(library, harness):
 MUTATIONS = {
     "host R_inter handed to the kernel": (
         "(src, r_dev, xf, total,", "(src, r_inter, xf, total,", "a kernel argument points to host memory"),
+    "a kernel launched on another stream": (
+        "TORQ_LAUNCH(torq_group_mix, grid_1d(total), kThreads, stream)", "TORQ_LAUNCH(torq_group_mix, grid_1d(total), kThreads, nullptr)",
+        "enqueued on a stream other than the op's"),
     "scratch sized short": ("    if (s.half) l.y = take(total);\n", "    if (s.half) l.y = take(total / 2);\n", "heap-buffer-overflow"),
     "y's float32 view left unconverted": (
         "    if (shape->half) TORQ_LAUNCH(torq_float_to_half,", "    if (false) TORQ_LAUNCH(torq_float_to_half,", None),

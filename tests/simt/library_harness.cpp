@@ -7,7 +7,9 @@
 // and checks that no device memory is left. Built by tests/test_compiled_cuda_emulated.py:
 //   library_harness ROWS BLOCKS GROUPS PER_BLOCK HALF QUANTIZE BUMP CALLS
 //     stdin: CALLS x (float32, or float16 if HALF), r_inter [G, G], r_intra ([B,] 32, 32) sets
-//     stdout: CALLS y (x's type);  stderr: "launches L copies C device-allocations-left A"
+//     stdout: CALLS y (x's type);  stderr: a line "call K host-waits W" per call (the host's waits
+//     for the device inside torq_cuda_rotate_quantize), then "launches L copies C
+//     device-allocations-left A"
 #include <string>
 #include <vector>
 
@@ -41,7 +43,9 @@ int main(int argc, char** argv) {
     const size_t total = shape.rows * shape.blocks * 32, elem = shape.half ? 2 : 4;
     const size_t r_intra_floats = (shape.r_stride ? shape.blocks : 1) * 1024;
     TorqCudaState* state = torq_cuda_state_new();
-    cudaStream_t stream = nullptr;  // ORT's compute stream: any handle; the emulator runs launches in order
+    static CUstream_st ort_stream;  // ORT's compute stream: a handle of its own, the only one work may go on
+    cudaStream_t stream = &ort_stream;
+    simt_rt::set_op_stream(stream);
     for (int c = 0; c < calls; ++c) {
         const std::vector<unsigned char> x = read_values<unsigned char>(total * elem);
         const std::vector<float> r_inter = read_values<float>(shape.groups * shape.groups);
@@ -51,11 +55,13 @@ int main(int argc, char** argv) {
         void* r_intra_dev = to_device(r_intra.data(), r_intra.size() * sizeof(float));
         const size_t bytes = torq_cuda_scratch_bytes(&shape, r_inter.data(), quantize);
         void* scratch = bytes ? to_device(nullptr, bytes) : nullptr;
+        const long waits = simt_rt::rt().host_waits;
         if (const char* err = torq_cuda_rotate_quantize(state, stream, x_dev, y_dev, r_inter.data(), static_cast<const float*>(r_intra_dev),
                                                         &shape, quantize, bump, scratch)) {
             std::fprintf(stderr, "torq_cuda_rotate_quantize: %s\n", err);
             return 3;
         }
+        std::fprintf(stderr, "call %d host-waits %ld\n", c, simt_rt::rt().host_waits - waits);
         std::vector<unsigned char> y(x.size());
         cudaMemcpy(y.data(), y_dev, y.size(), cudaMemcpyDeviceToHost);
         if (std::fwrite(y.data(), 1, y.size(), stdout) != y.size()) simt::fail("could not write stdout");

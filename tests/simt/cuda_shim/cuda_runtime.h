@@ -2,9 +2,11 @@
 // tests/simt/library_harness.cpp: "device" memory is host memory that this file tracks, so a
 // host pointer handed to a kernel, a copy in the wrong direction, a free of memory that is not
 // device memory or a launch shape CUDA refuses fails the run with a message, as a GPU would
-// fail it with an illegal address or a launch error (or silently compute garbage). Kernels run
-// on simt_host.h's thread emulator, synchronously: stream order is trivially kept, so this
-// says nothing about missing stream synchronization.
+// fail it with an illegal address or a launch error (or silently compute garbage). Work
+// enqueued on any stream but the op's (set_op_stream: ORT's compute stream) also fails the
+// run: on a GPU it would run unordered with the rest of the graph. Kernels run on
+// simt_host.h's thread emulator, synchronously, so stream order is trivially kept; the
+// host waits a call makes (stream synchronizations and synchronous copies) are counted.
 #pragma once
 
 #include <cstdint>
@@ -32,7 +34,8 @@ struct Runtime {
     std::mutex lock;
     std::map<uintptr_t, size_t> device;  // allocation start -> bytes
     cudaError_t last = cudaSuccess;       // what cudaGetLastError reports
-    long launches = 0, syncs = 0, copies = 0;
+    cudaStream_t op_stream = nullptr;     // the only stream work may be enqueued on
+    long launches = 0, host_waits = 0, copies = 0;
 };
 inline Runtime& rt() {
     static Runtime r;
@@ -54,6 +57,15 @@ inline bool on_device(const void* p, size_t bytes) {
     if (detail >= 0) std::fprintf(stderr, " (%ld)", detail);
     std::fprintf(stderr, "\n");
     std::abort();
+}
+
+inline void set_op_stream(cudaStream_t s) { rt().op_stream = s; }
+
+inline void check_stream(cudaStream_t s, const char* what) {
+    if (s != rt().op_stream) {
+        std::fprintf(stderr, "emulated CUDA runtime: %s enqueued on a stream other than the op's\n", what);
+        std::abort();
+    }
 }
 
 inline long live_allocations() {
@@ -81,6 +93,7 @@ struct Launch {
             rt().last = cudaErrorInvalidConfiguration;  // reported later by cudaGetLastError, as CUDA does
             return;
         }
+        check_stream(stream, "a kernel launch");
         int index = 0;
         (check_argument(args, index++), ...);
         ++rt().launches;
@@ -117,7 +130,8 @@ inline cudaError_t cudaFree(void* p) {
     return cudaSuccess;
 }
 
-inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t = nullptr) {
+// The copy itself, checked against the pointers' memory spaces.
+inline cudaError_t checked_copy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
     const bool dst_dev = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
     const bool src_dev = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
     if (simt_rt::on_device(dst, bytes) != dst_dev) simt_rt::fail(dst_dev ? "copy to device memory outside a device allocation" : "copy to host memory given a device pointer");
@@ -126,12 +140,18 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
     ++simt_rt::rt().copies;
     return cudaSuccess;
 }
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t stream = nullptr) {
+    simt_rt::check_stream(stream, "an asynchronous copy");
+    return checked_copy(dst, src, bytes, kind);
+}
+
 inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-    return cudaMemcpyAsync(dst, src, bytes, kind);
+    ++simt_rt::rt().host_waits;  // returns once the copy is done: the host waits for the device
+    return checked_copy(dst, src, bytes, kind);
 }
 
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) {
-    ++simt_rt::rt().syncs;
+    ++simt_rt::rt().host_waits;
     return cudaSuccess;
 }
 
