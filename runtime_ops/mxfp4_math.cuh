@@ -99,6 +99,7 @@ __host__ __device__ inline float torq_mxfp4_element(float v, int e) { return tor
 // A whole block of 32 on one thread (the host harness; the kernel splits it across a warp):
 // a NaN/Inf anywhere makes every output NaN, an all-zero block stays zero.
 __host__ __device__ inline void torq_mxfp4_block(const float* z, float* y, float bump) {
+#if TORQ_DEVICE_FORM
     float amax = 0.f;
     int bad = 0;
 #pragma unroll
@@ -106,6 +107,16 @@ __host__ __device__ inline void torq_mxfp4_block(const float* z, float* y, float
         bad |= !isfinite(z[i]);
         amax = fmaxf(amax, isfinite(z[i]) ? fabsf(z[i]) : 0.f);
     }
+#else  // the same amax as an integer max over the bits of |z| (their order for non-negative floats),
+       // which a host compiler vectorizes (not fmaxf's); a NaN/Inf bit pattern only counts as bad
+    unsigned amax_bits = 0;
+    for (int i = 0; i < 32; ++i) {
+        const unsigned u = torq_float_to_bits(z[i]) & 0x7fffffffu;
+        amax_bits = u > amax_bits ? u : amax_bits;
+    }
+    const int bad = amax_bits >= 0x7f800000u;  // some |z| is Inf or NaN
+    const float amax = torq_bits_to_float(amax_bits);
+#endif
     const int e = (bad || amax == 0.f) ? 0 : torq_mxfp4_exponent(amax, bump);
     const float down = torq_pow2(-e), up = torq_pow2(e);
 #if TORQ_DEVICE_FORM

@@ -178,6 +178,36 @@ struct CpuJob {
     int64_t rows_per_task;
 };
 
+// R_inter's mixing of one token: torq_group_mix_element's chain for every k at once (h
+// outer, k inner, so it vectorizes). Groups of 32 (a [B, B] R_inter) keep two groups' sums in
+// local arrays, which stay in registers, and read each x block once for both.
+void mix_token(const float* v, const float* r, int64_t groups, int64_t width, float* out) {
+    int64_t g = 0;
+    if (width == 32) {
+        for (; g + 1 < groups; g += 2) {
+            float a0[32] = {}, a1[32] = {};
+            const float *r0 = r + g * groups, *r1 = r0 + groups;
+            for (int64_t h = 0; h < groups; ++h) {
+                const float c0 = r0[h], c1 = r1[h], *xh = v + h * 32;
+                for (int k = 0; k < 32; ++k) {
+                    a0[k] = fmaf(c0, xh[k], a0[k]);
+                    a1[k] = fmaf(c1, xh[k], a1[k]);
+                }
+            }
+            std::memcpy(out + g * 32, a0, sizeof a0);
+            std::memcpy(out + (g + 1) * 32, a1, sizeof a1);
+        }
+    }
+    for (; g < groups; ++g) {
+        float* acc = out + g * width;
+        std::fill(acc, acc + width, 0.f);
+        for (int64_t h = 0; h < groups; ++h) {
+            const float c0 = r[g * groups + h], *xh = v + h * width;
+            for (int64_t k = 0; k < width; ++k) acc[k] = fmaf(c0, xh[k], acc[k]);
+        }
+    }
+}
+
 void cpu_rows(void* user, size_t task) {
     const CpuJob& job = *static_cast<const CpuJob*>(user);
     const Call& c = job.call;
@@ -194,16 +224,7 @@ void cpu_rows(void* user, size_t task) {
             v = widened.data();
         }
         if (mix) {
-            // torq_group_mix_element's chain for every k at once (h outer, k inner: vectorized)
-            const int64_t width = d / s.groups;
-            for (int64_t g = 0; g < s.groups; ++g) {
-                float* acc = mixed.data() + g * width;
-                std::fill(acc, acc + width, 0.f);
-                for (int64_t h = 0; h < s.groups; ++h) {
-                    const float r = c.r_inter[g * s.groups + h], *xh = v + h * width;
-                    for (int64_t k = 0; k < width; ++k) acc[k] = fmaf(r, xh[k], acc[k]);
-                }
-            }
+            mix_token(v, c.r_inter, s.groups, d / s.groups, mixed.data());
             v = mixed.data();
         }
         for (int64_t b = 0; b < s.blocks; ++b) {
