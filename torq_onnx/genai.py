@@ -10,6 +10,8 @@ from pathlib import Path
 import onnx_ir as ir
 
 from torq_onnx import calibration as calib
+from torq_onnx.atomic import write_bytes_atomic, write_text_atomic
+from torq_onnx.errors import TorqError
 
 # files genai's tokenizer reads from the model folder (export also keeps them in tokenizer/)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -68,9 +70,6 @@ def bundle_custom_ops(out_dir: Path, library: Path) -> Path:
     runs the compiled ops instead of their function bodies. genai loads such a library only
     from inside the model folder, so it is copied rather than referenced. Both files are
     written atomically; returns the copy's path."""
-    from torq_onnx.atomic import write_bytes_atomic, write_text_atomic
-    from torq_onnx.errors import TorqError
-
     config_path = Path(out_dir) / CONFIG_FILE
     if not config_path.is_file():
         raise TorqError(f"no {CONFIG_FILE} in {out_dir}: onnxruntime-genai runs exports of decoders with a KV cache")
