@@ -21,7 +21,7 @@ from torq_onnx.runtime_ops.functions import (
     make_dequantize_node,
     make_rotate_quantize_node,
 )
-from torq_onnx.runtime_ops.providers import require_providers
+from torq_onnx.runtime_ops.providers import provider_names, require_providers
 from torq_onnx.runtime_ops.split_runner import SplitSession
 
 __all__ = [
@@ -69,7 +69,7 @@ def load_session(path, providers=None, sess_options=None, custom_ops=None):
     if custom_ops:
         from torq_onnx.runtime_ops import compiled
 
-        on_cuda = any((pr[0] if isinstance(pr, tuple) else pr) == "CUDAExecutionProvider" for pr in providers)
+        on_cuda = "CUDAExecutionProvider" in provider_names(providers)
         compiled.register(opts, None if custom_ops is True else custom_ops, cuda=on_cuda)
     try:
         session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)

@@ -8,7 +8,7 @@
 
 #define TORQ_FLT_MAX 3.402823466e+38f
 
-// Two steps below have a device form (what GPU code compiles) and a host form that a host
+// Some steps below have a device form (what GPU code compiles) and a host form that a host
 // compiler vectorizes; both give the same values. TORQ_DEVICE_MATH selects the device form
 // in a host build too, so the host tests (and the thread emulator, tests/simt) also run the
 // arithmetic the GPU runs, and compare it with the host form.

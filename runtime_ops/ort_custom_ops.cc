@@ -117,6 +117,7 @@ struct Kernel {
 
 // One compute call: the inputs' data, the output (shaped like x) and the geometry.
 struct Call {
+    const OrtValue* x_value;  // x itself, for its memory info
     const void* x;
     const float* r_inter;
     const float* r_intra;
@@ -135,6 +136,7 @@ OrtStatus* data(const OrtValue* value, T** out) {
 OrtStatus* open_call(const Kernel& k, OrtKernelContext* ctx, Call* call) {
     const OrtValue *x, *ri, *rk;
     TORQ_TRY(api->KernelContext_GetInput(ctx, 0, &x));
+    call->x_value = x;
     TORQ_TRY(api->KernelContext_GetInput(ctx, 1, &ri));
     TORQ_TRY(api->KernelContext_GetInput(ctx, 2, &rk));
     TensorInfo xi, rii, rki;
@@ -274,10 +276,8 @@ OrtStatus* compute_cuda(void* kernel, OrtKernelContext* ctx) {
     void* scratch = nullptr;
     OrtAllocator* allocator = nullptr;
     if (bytes > 0) {
-        const OrtValue* x = nullptr;
         const OrtMemoryInfo* memory = nullptr;
-        TORQ_TRY(api->KernelContext_GetInput(ctx, 0, &x));
-        TORQ_TRY(api->GetTensorMemoryInfo(x, &memory));
+        TORQ_TRY(api->GetTensorMemoryInfo(call.x_value, &memory));
         TORQ_TRY(api->KernelContext_GetAllocator(ctx, memory, &allocator));
         if (OrtStatus* status = api->KernelContext_GetScratchBuffer(ctx, memory, bytes, &scratch)) {
             api->ReleaseAllocator(allocator);

@@ -5,6 +5,11 @@ from __future__ import annotations
 from torq_onnx.errors import TorqError
 
 
+def provider_names(providers: list) -> list[str]:
+    """The names in an ORT ``providers`` list of names and (name, options) pairs."""
+    return [p[0] if isinstance(p, tuple) else p for p in providers]
+
+
 def require_providers(session, requested: list, what: str) -> None:
     """Raise a TorqError naming the requested providers ``session`` did not enable.
 
@@ -13,9 +18,8 @@ def require_providers(session, requested: list, what: str) -> None:
     the CPU. ``requested``: provider names or (name, options) pairs; ``what``: the model."""
     import onnxruntime as ort
 
-    names = [p[0] if isinstance(p, tuple) else p for p in requested]
     enabled = session.get_providers()
-    missing = [n for n in names if n not in enabled]
+    missing = [n for n in provider_names(requested) if n not in enabled]
     if missing:
         raise TorqError(f"ONNX Runtime did not enable {', '.join(missing)} for {what} (enabled: {', '.join(enabled)}; "
                         f"installed: {', '.join(ort.get_available_providers())}). For CUDA: onnxruntime-gpu in place of "

@@ -50,11 +50,10 @@ def link_or_copy(src: str, dst: str) -> None:
 
 
 def with_library(out: Path, work: Path) -> Path:
-    """A copy of export ``out`` (hard-linked files) with the compiled library bundled in."""
+    """A copy of export ``out`` (hard-linked files) with the compiled library bundled in; the
+    bundling writes its files by atomic rename, so the originals behind the links stay as they are."""
     copy = work / out.name
     shutil.copytree(out, copy, copy_function=link_or_copy)
-    (copy / "genai_config.json").unlink()  # rewritten, so not shared with the original
-    shutil.copy(out / "genai_config.json", copy / "genai_config.json")
     bundle_custom_ops(copy, compiled.build_library())
     return copy
 

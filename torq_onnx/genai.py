@@ -15,6 +15,7 @@ from torq_onnx.errors import TorqError
 
 # files genai's tokenizer reads from the model folder (export also keeps them in tokenizer/)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+CONFIG_FILE = "genai_config.json"
 
 
 def _first(value):
@@ -59,9 +60,6 @@ def genai_config(model_ir: ir.Model, hf_dir: Path | None) -> dict | None:
             "diversity_penalty": 0.0, "no_repeat_ngram_size": 0, "early_stopping": True, "past_present_share_buffer": False,
         },
     }
-
-
-CONFIG_FILE = "genai_config.json"
 
 
 def bundle_custom_ops(out_dir: Path, library: Path) -> Path:

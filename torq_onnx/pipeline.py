@@ -210,7 +210,7 @@ def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path,
     extras: dict[str, object] = {"report.json": report, **pngs, "tokenizer": tokenizer_files}
     config = genai.genai_config(model_ir, hf_dir)
     if config is not None:
-        extras["genai_config.json"] = config
+        extras[genai.CONFIG_FILE] = config
         extras.update({f: (tokenizer_files / f).read_bytes() for f in genai.TOKENIZER_FILES if (tokenizer_files / f).is_file()})
     return save_atomic(model_ir, Path(out_dir), extras)
 
