@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
+
 import pytest
+
+
+@functools.cache
+def gpu_visible() -> bool:
+    """A CUDA GPU this process can use: CuPy sees one, or (without CuPy) nvidia-smi lists one."""
+    from torq_onnx.runtime_ops import cuda
+
+    if cuda.available():
+        return True
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.startswith("GPU ")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # onnxruntime-gpu lists its CUDA EP wherever it is installed, GPU or not: without a GPU a
+    # CUDA session silently runs on the CPU, so a `gpu` test would fail rather than skip
+    if item.get_closest_marker("gpu") and not gpu_visible():
+        pytest.skip("needs a CUDA GPU (none is visible)")
 
 
 @pytest.fixture(scope="session")

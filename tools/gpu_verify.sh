@@ -16,7 +16,10 @@
 # packs). Logs go to ${OUT:-gpu-verify-logs}.
 # onnxruntime-gpu is optional: with only the CPU onnxruntime, the tests that need the CUDA EP
 # skip, the benchmarks' ORT columns read n/a and the split and session stages are skipped.
-# Run from the repository root: bash tools/gpu_verify.sh [--quick]   (--quick: bench_ops' small table)
+# TORQ_VERIFY_CARRY=DIR (the parts of tools/gpu_carry.sh, copied into DIR over several calls)
+# checks the parts against their SHA256SUMS, unpacks them once into ${TORQ_VERIFY_SITE:-/tmp/site}
+# and puts that first on PYTHONPATH.
+# Run from the repository root: bash tools/gpu_verify.sh [--quick]   (--quick: bench_ops without D=8192)
 set -uo pipefail
 out=${OUT:-gpu-verify-logs}
 stages=" ${TORQ_VERIFY_STAGES:-tests sanitizers ops split session} "
@@ -24,6 +27,23 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
 stage() { [[ "$stages" == *" $1 "* ]]; }
+unxz_stream() {  # xz -dc, or Python's lzma where the image has no xz
+    if command -v xz >/dev/null; then xz -dc; else
+        python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.LZMAFile(sys.stdin.buffer), sys.stdout.buffer, 1 << 20)'
+    fi
+}
+if [ -n "${TORQ_VERIFY_CARRY:-}" ]; then
+    site_dir=${TORQ_VERIFY_SITE:-/tmp/site}
+    if [ ! -d "$site_dir" ]; then
+        [ -f "$TORQ_VERIFY_CARRY/SHA256SUMS" ] || { echo "$TORQ_VERIFY_CARRY/SHA256SUMS missing: carry the last part too"; exit 1; }
+        (cd "$TORQ_VERIFY_CARRY" && sha256sum -c --quiet SHA256SUMS) \
+            || { echo "carried parts missing or damaged (a machine that went back between calls loses them): carry them again"; exit 1; }
+        rm -rf "$site_dir.partial" && mkdir -p "$site_dir.partial"
+        cat "$TORQ_VERIFY_CARRY"/chunk.* | unxz_stream | tar xf - -C "$site_dir.partial" && mv "$site_dir.partial" "$site_dir" \
+            || { echo "unpacking $TORQ_VERIFY_CARRY failed"; exit 1; }
+    fi
+    export PYTHONPATH="$site_dir${PYTHONPATH:+:$PYTHONPATH}"
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 python3 -c "from torq_onnx.runtime_ops import cuda; raise SystemExit(0 if cuda.available() else 'no CUDA GPU visible to CuPy: nothing to verify')" || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/device.txt"
