@@ -1,11 +1,15 @@
 """tools/prune_fatbin.py on a CUDA shared library nvcc builds here: the cubins no kept GPU can
-use become zeros in place, and every other byte (the kept cubins, PTX, host code) is unchanged.
-The cubins are located independently of the tool's parser: nvcc -cubin builds each one alone,
-byte-identical to the copy embedded in the library."""
+use leave their fat binary, the kept ones (and the PTX) stay byte-for-byte, and no byte
+outside the fat-binary section changes. The cubins are located independently of the tool's
+parser (nvcc -cubin builds each one alone, byte-identical to the copy embedded in the
+library), and where CUDA's cuobjdump is installed (the dev extra's nvidia-cuda-cuobjdump)
+NVIDIA's own reader lists and extracts the pruned library's images."""
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +26,17 @@ extern "C" void launch(float* x, int n) { add_one<<<(n + 255) / 256, 256>>>(x, n
 """
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA's compiler)")
+
+
+def cuobjdump() -> str | None:
+    """CUDA's cuobjdump: on the PATH, or from the nvidia-cuda-cuobjdump wheel."""
+    if shutil.which("cuobjdump"):
+        return shutil.which("cuobjdump")
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for exe in Path(root).glob("cu*/bin/cuobjdump"):
+            return str(exe)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -45,34 +60,54 @@ def prune(lib: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), str(lib), *args], capture_output=True, text=True)
 
 
-def located(data: bytes, cubin: bytes) -> slice:
-    assert data.count(cubin) == 1, "the standalone cubin should be embedded once"
-    start = data.index(cubin)
-    return slice(start, start + len(cubin))
+def fatbin_section(lib: Path) -> slice:
+    """.nv_fatbin's file range, as binutils' readelf reports it."""
+    out = subprocess.run(["readelf", "-S", "-W", str(lib)], capture_output=True, text=True, check=True).stdout
+    offset, size = re.search(r"\.nv_fatbin\s+\S+\s+[0-9a-f]+\s+([0-9a-f]+)\s+([0-9a-f]+)", out).groups()
+    return slice(int(offset, 16), int(offset, 16) + int(size, 16))
 
 
-@pytest.mark.parametrize("keep,zeroed,kept", [("90", "80", "90"), ("86", "90", "80")])
-def test_prune_zeroes_exactly_the_unusable_cubins(built, tmp_path, keep, zeroed, kept):
-    """sm_90 keeps the sm_90 cubin and zeroes sm_80's; sm_86 keeps sm_80's (same major, older
-    minor: it runs there) and zeroes sm_90's. Everything else is byte-for-byte the same, and the
-    library still loads as a shared object."""
+@pytest.mark.parametrize("keep,dropped,kept", [("90", "80", "90"), ("86", "90", "80")])
+def test_prune_drops_exactly_the_unusable_cubins(built, tmp_path, keep, dropped, kept):
+    """sm_90 keeps the sm_90 cubin and drops sm_80's; sm_86 keeps sm_80's (same major, older
+    minor: it runs there) and drops sm_90's. The PTX stays; nothing outside the fat-binary
+    section changes; the library still loads as a shared object; a second run changes nothing."""
     lib = tmp_path / "libk.so"
     shutil.copy(built["lib"], lib)
     before = lib.read_bytes()
-    gone, stays = located(before, built[zeroed].read_bytes()), located(before, built[kept].read_bytes())
+    gone, stays = built[dropped].read_bytes(), built[kept].read_bytes()
+    assert before.count(gone) == 1 and before.count(stays) == 1
     listing = prune(lib).stdout
-    assert f"sm_{zeroed}:" in listing and f"sm_{kept}:" in listing and "ptx_90:" in listing
+    assert f"sm_{dropped}:" in listing and f"sm_{kept}:" in listing and "ptx_90:" in listing
     res = prune(lib, "--keep", keep)
     assert res.returncode == 0, res.stderr
     after = lib.read_bytes()
-    assert len(after) == len(before)
-    assert after[gone] == bytes(gone.stop - gone.start)
-    assert after[stays] == before[stays]
-    assert after[:gone.start] + after[gone.stop:] == before[:gone.start] + before[gone.stop:]
-    assert f"sm_{zeroed}:" not in prune(lib).stdout and "zeros:" in prune(lib).stdout
+    sec = fatbin_section(lib)
+    assert len(after) == len(before) and after[:sec.start] + after[sec.stop:] == before[:sec.start] + before[sec.stop:]
+    assert after.count(gone) == 0 and after.count(stays) == 1
+    listing = prune(lib).stdout
+    assert f"sm_{dropped}:" not in listing and f"sm_{kept}:" in listing and "ptx_90:" in listing
     ctypes.CDLL(str(lib)).launch  # the host side is intact (no GPU needed to load it)
     again = prune(lib, "--keep", keep)
-    assert again.returncode == 0 and lib.read_bytes() == after and "zeroed 0.0 MB" in again.stdout
+    assert again.returncode == 0 and lib.read_bytes() == after and "dropped 0.0 MB" in again.stdout
+
+
+@pytest.mark.skipif(cuobjdump() is None, reason="needs CUDA's cuobjdump (pip install nvidia-cuda-cuobjdump)")
+def test_cuobjdump_reads_the_pruned_library(built, tmp_path):
+    """NVIDIA's own reader of fat binaries lists the pruned library's images (sm_90 and the
+    PTX, no sm_80) and extracts its sm_90 cubin byte-identical to nvcc's standalone one."""
+    lib = tmp_path / "libk.so"
+    shutil.copy(built["lib"], lib)
+    assert prune(lib, "--keep", "90").returncode == 0
+    tool = cuobjdump()
+    elves = subprocess.run([tool, "--list-elf", str(lib)], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([tool, "--list-ptx", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert re.findall(r"\.(sm_\d+)\.cubin", elves) == ["sm_90"] and re.findall(r"\.(sm_\d+)\.ptx", ptx) == ["sm_90"]
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run([tool, "-xelf", "all", str(lib)], cwd=out, capture_output=True, check=True)
+    (cubin,) = out.glob("*.cubin")
+    assert cubin.read_bytes() == built["90"].read_bytes()
 
 
 def test_prune_refuses_an_architecture_the_library_lacks(built, tmp_path):

@@ -2,20 +2,22 @@
 
 A CUDA library (onnxruntime-gpu's ``libonnxruntime_providers_cuda.so``, say) embeds one fat
 binary per translation unit in its ``.nv_fatbin`` section, each holding a cubin per GPU
-architecture it was built for (and maybe PTX). The driver loads, for the GPU it runs on, one
-image it can use (a cubin of the same major version and no newer minor, else PTX to compile)
-and never reads the others. ``--keep 90`` overwrites with zeros every cubin that no listed
-architecture can use, leaving every header, size and offset as it was, so the library's
-layout is untouched while the zeros compress to nothing. That is what lets
-``tools/gpu_carry.sh`` carry onnxruntime-gpu for an H100/H200 (sm_90) in far fewer parts.
+architecture it was built for (and maybe PTX), often zstd-compressed. The driver loads, for
+the GPU it runs on, one image it can use (a cubin of the same major version and no newer
+minor, else PTX to compile). ``--keep 90`` rewrites each fat binary as a build for the listed
+architectures would have made it: its cubins that no listed GPU can use are dropped, the
+images it keeps (every PTX included) move up behind its header unchanged, its size field
+shrinks, and zeros fill the rest of its old extent. No other byte of the file moves, so the
+library's layout and every pointer into it stay valid, while the zeros compress to nothing:
+that is what lets ``tools/gpu_carry.sh`` carry onnxruntime-gpu for an H100/H200 (sm_90) in
+far fewer parts. A fat binary with no image usable on the listed GPUs (onnxruntime-gpu 1.31
+has nine, sm_120 code only) is left exactly as built.
 
 Run: python tools/prune_fatbin.py LIB                 # list the images per architecture
      python tools/prune_fatbin.py LIB --keep 90 [80]  # prune in place (atomically)
 
 Refuses, changing nothing, where no image is usable on a listed architecture or where the
-section does not parse as the fat-binary layout below. (A fat binary may hold no image for a
-listed architecture even before pruning: onnxruntime-gpu 1.31 has nine with sm_120 code only.
-Their kernels could not run on that GPU in any case.)
+section does not parse as the fat-binary layout below.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torq_onnx.atomic import write_bytes_atomic
 
 FATBIN_MAGIC = 0xBA55ED50
 HEADER = struct.Struct("<IHHQ")  # magic, version, header size, size of the entries that follow
+HEADER_SIZE_OFFSET = 8
 ENTRY = struct.Struct("<HHIQ")  # kind, version, header size, payload size (padded)
 ENTRY_ARCH_OFFSET = 28  # u32 sm version (75, 80, 90, ...) inside an entry's header
 PTX, CUBIN = 1, 2
@@ -42,15 +45,21 @@ class FatbinError(ValueError):
 
 @dataclass(frozen=True)
 class Image:
-    fatbin: int  # index of the fat binary holding it
     kind: int
     arch: int
-    payload: slice  # byte range in the file
+    entry: slice  # its header and payload, as byte offsets in the file
 
     def usable_on(self, arch: int) -> bool:
         if self.kind == PTX:
             return self.arch <= arch
         return self.arch // 10 == arch // 10 and self.arch <= arch
+
+
+@dataclass(frozen=True)
+class Fatbin:
+    offset: int  # of its header in the file
+    entries: slice  # the bytes its size field covers
+    images: list[Image]
 
 
 def fatbin_section(data: bytes | bytearray) -> slice:
@@ -73,58 +82,62 @@ def fatbin_section(data: bytes | bytearray) -> slice:
     raise FatbinError("no .nv_fatbin section: the file holds no CUDA device code")
 
 
-def images(data: bytes | bytearray) -> list[Image]:
-    """Every image of every fat binary in the library, in file order."""
+def fatbins(data: bytes | bytearray) -> list[Fatbin]:
+    """Every fat binary in the library, with its images, in file order."""
     sec = fatbin_section(data)
-    found, pos, n = [], sec.start, 0
+    found, pos = [], sec.start
     while pos + HEADER.size <= sec.stop:
         magic, _, hsize, size = HEADER.unpack_from(data, pos)
         if magic != FATBIN_MAGIC:
             pos += 8  # fat binaries are 8-byte aligned; zeros pad between them
             continue
-        entry, end = pos + hsize, pos + hsize + size
-        if end > sec.stop:
-            raise FatbinError(f"fat binary {n} at offset {pos:#x} runs past its section")
-        while entry < end:
-            kind, _, ehsize, psize = ENTRY.unpack_from(data, entry)
-            if kind not in (PTX, CUBIN) or entry + ehsize + psize > end:
-                raise FatbinError(f"fat binary {n}: unknown image layout at offset {entry:#x}")
-            (arch,) = struct.unpack_from("<I", data, entry + ENTRY_ARCH_OFFSET)
-            found.append(Image(n, kind, arch, slice(entry + ehsize, entry + ehsize + psize)))
-            entry += ehsize + psize
-        pos, n = end, n + 1
-    if not found:
+        entries = slice(pos + hsize, pos + hsize + size)
+        if entries.stop > sec.stop:
+            raise FatbinError(f"fat binary {len(found)} at offset {pos:#x} runs past its section")
+        images, e = [], entries.start
+        while e < entries.stop:
+            kind, _, ehsize, psize = ENTRY.unpack_from(data, e)
+            if kind not in (PTX, CUBIN) or e + ehsize + psize > entries.stop:
+                raise FatbinError(f"fat binary {len(found)}: unknown image layout at offset {e:#x}")
+            (arch,) = struct.unpack_from("<I", data, e + ENTRY_ARCH_OFFSET)
+            images.append(Image(kind, arch, slice(e, e + ehsize + psize)))
+            e += ehsize + psize
+        found.append(Fatbin(pos, entries, images))
+        pos = entries.stop
+    if not any(fb.images for fb in found):
         raise FatbinError("the .nv_fatbin section holds no fat binary")
     return found
 
 
-def summary(data: bytes | bytearray, found: list[Image]) -> str:
+def summary(found: list[Fatbin]) -> str:
     sizes: dict[tuple[str, int], int] = collections.Counter()
-    zeroed = 0
-    for im in found:
-        n = im.payload.stop - im.payload.start
-        if data[im.payload] == bytes(n):
-            zeroed += n  # pruned before
-        else:
-            sizes["ptx" if im.kind == PTX else "sm", im.arch] += n
+    for im in (im for fb in found for im in fb.images):
+        sizes["ptx" if im.kind == PTX else "sm", im.arch] += im.entry.stop - im.entry.start
     listed = ", ".join(f"{k}_{a}: {s / 1e6:.1f} MB" for (k, a), s in sorted(sizes.items()))
-    return f"{len({im.fatbin for im in found})} fat binaries; {listed}" + (f"; zeros: {zeroed / 1e6:.1f} MB" if zeroed else "")
+    return f"{len(found)} fat binaries; {listed}"
 
 
 def prune(data: bytearray, keep: list[int]) -> int:
-    """Zero, in data, every cubin no architecture in keep can use; returns the bytes zeroed."""
-    found = images(data)
+    """Drop, in data, every cubin no architecture in keep can use; returns the bytes freed."""
+    found = fatbins(data)
+    every = [im for fb in found for im in fb.images]
     for arch in keep:
-        if not any(im.usable_on(arch) for im in found):
-            have = sorted({im.arch for im in found})
+        if not any(im.usable_on(arch) for im in every):
+            have = sorted({im.arch for im in every})
             raise FatbinError(f"no image is usable on sm_{arch} (the library has images for {have}): nothing pruned")
-    zeroed = 0
-    for im in found:
-        zeros = bytes(im.payload.stop - im.payload.start)
-        if im.kind == CUBIN and not any(im.usable_on(arch) for arch in keep) and data[im.payload] != zeros:
-            data[im.payload] = zeros
-            zeroed += len(zeros)
-    return zeroed
+    freed = 0
+    for fb in found:
+        if not any(im.usable_on(arch) for im in fb.images for arch in keep):
+            continue  # nothing here runs on these GPUs even as built: leave it as it is
+        kept = [im for im in fb.images if im.kind == PTX or any(im.usable_on(arch) for arch in keep)]
+        if len(kept) == len(fb.images):
+            continue
+        entries = b"".join(data[im.entry] for im in kept)
+        old = fb.entries.stop - fb.entries.start
+        data[fb.entries] = entries + bytes(old - len(entries))
+        struct.pack_into("<Q", data, fb.offset + HEADER_SIZE_OFFSET, len(entries))
+        freed += old - len(entries)
+    return freed
 
 
 def main() -> None:
@@ -135,12 +148,13 @@ def main() -> None:
     try:
         with open(args.library, "rb") as f:
             data = bytearray(f.read())
-        print(f"{args.library}: {summary(data, images(data))}")
+        print(f"{args.library}: {summary(fatbins(data))}")
         if args.keep:
-            zeroed = prune(data, args.keep)
+            freed = prune(data, args.keep)
             mode = os.stat(args.library).st_mode
             os.chmod(write_bytes_atomic(args.library, bytes(data)), mode)
-            print(f"zeroed {zeroed / 1e6:.1f} MB of cubins no GPU of sm_{', sm_'.join(map(str, args.keep))} can use")
+            print(f"dropped {freed / 1e6:.1f} MB of images no GPU of sm_{', sm_'.join(map(str, args.keep))} can use; "
+                  f"now: {summary(fatbins(data))}")
     except (OSError, FatbinError) as e:
         sys.exit(f"prune_fatbin: {args.library}: {e}")
 
