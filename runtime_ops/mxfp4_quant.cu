@@ -77,34 +77,6 @@ torq_block_rotate_quant(const float* __restrict__ x, const float* __restrict__ r
     for (int k = 0; k < 8; ++k) yv[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
 }
 
-// The maximum of v over a full warp: one redux.sync on sm_80 and newer; a shuffle butterfly
-// before sm_80 (NVRTC compiles the whole file for the GPU at hand, so every kernel in it must
-// build there) or when TORQ_SHUFFLE_MAX is defined (the host tests run both paths).
-__device__ inline unsigned torq_warp_max_u32(unsigned v) {
-#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800) || defined(TORQ_SHUFFLE_MAX)
-    #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const unsigned w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-#else
-    return __reduce_max_sync(0xffffffffu, v);
-#endif
-}
-
-// MXFP4 of one element of a block held one element per lane by a whole warp. The block's amax
-// is one warp max over |v|'s bits (the bit order of non-negative floats is their numeric
-// order, subnormals included); a NaN/Inf maps to +Inf's bits, above every finite magnitude,
-// so the same reduction flags the block. Same values as torq_mxfp4_block.
-__device__ inline float torq_mxfp4_warp_element(float v, float bump) {
-    const unsigned inf_bits = 0x7f800000u;
-    const unsigned amax = torq_warp_max_u32(isfinite(v) ? torq_float_to_bits(fabsf(v)) : inf_bits);
-    if (amax == inf_bits) return torq_nan();
-    if (amax == 0u) return 0.f;
-    return torq_mxfp4_element(v, torq_mxfp4_exponent(torq_bits_to_float(amax), bump));
-}
-
 // The same op as torq_block_rotate_quant with coalesced memory access: one warp per (row,
 // block), lane j computing output j, so every global load and store of a warp covers whole
 // 128-byte lines. A CTA's TORQ_W_WARPS warps own consecutive blocks (a row step touches
@@ -113,14 +85,30 @@ __device__ inline float torq_mxfp4_warp_element(float v, float bump) {
 // per lane fills the warp's tile in shared memory, the next step's load is issued before this
 // step's arithmetic, and every lane reads the row back as broadcasts. The dot product is the
 // same fmaf chain over i as the thread-per-block kernel, so z is bit-identical to it.
+// The quantizer then runs transposed: the step's z goes through a second tile so that each
+// lane holds 4 consecutive elements of one row (lanes 8r..8r+7 row r), and a row's block
+// exponent is worked out once for the whole step (8 lanes a row, 4 rows at once) instead of
+// once per row; y and z_out leave as one 16-byte store per lane. The same per-element
+// functions as torq_mxfp4_block, so y is bit-identical too.
 #define TORQ_W_WARPS 8
 #define TORQ_W_ROWS 128
 #define TORQ_W_STEP 4  // rows per step: 32 lanes x float4 = TORQ_W_STEP rows of 32 floats
+
+// The maximum of v over the 8 aligned lanes 8r..8r+7 that hold one row of a step.
+__device__ inline unsigned torq_row_max_u32(unsigned v) {
+    #pragma unroll
+    for (int o = 1; o < 8; o <<= 1) {
+        const unsigned w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
 
 extern "C" __global__ void __launch_bounds__(TORQ_W_WARPS * 32)
 torq_block_rotate_quant_warp(const float* __restrict__ x, const float* __restrict__ r, float* __restrict__ y,
                              float* __restrict__ z_out, long long n_rows, int n_blocks, long long r_stride, float bump) {
     __shared__ float4 tile[TORQ_W_WARPS][TORQ_W_STEP * 8];
+    __shared__ float4 ztile[TORQ_W_WARPS][TORQ_W_STEP * 8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int b = blockIdx.x * TORQ_W_WARPS + warp;
     const long long row0 = (long long)blockIdx.y * TORQ_W_ROWS;
@@ -135,8 +123,11 @@ torq_block_rotate_quant_warp(const float* __restrict__ x, const float* __restric
     const int tr = lane >> 3, tc = lane & 7;  // this lane moves float4 tc of tile row tr
     float4 next = make_float4(0.f, 0.f, 0.f, 0.f);
     if (tr < rows) next = __ldg(xb + tr * row_f4 + tc);
+    float* zrow = reinterpret_cast<float*>(ztile[warp]);
+    // Two barriers a step order both tiles: the one after the tile store also orders the last
+    // step's z-tile reads before this step's z-tile stores, and the one after the z-tile store
+    // also orders this step's tile reads before the next step's tile store.
     for (long long s = 0; s < rows; s += TORQ_W_STEP) {
-        __syncwarp();  // every lane has finished reading the previous step's tile
         tile[warp][lane] = next;
         __syncwarp();
         if (s + TORQ_W_STEP + tr < rows) next = __ldg(xb + (s + TORQ_W_STEP + tr) * row_f4 + tc);
@@ -155,13 +146,34 @@ torq_block_rotate_quant_warp(const float* __restrict__ x, const float* __restric
             }
         }
         #pragma unroll
-        for (int k = 0; k < TORQ_W_STEP; ++k) {
-            const float out = torq_mxfp4_warp_element(z[k], bump);  // all lanes: a warp collective
-            if (s + k < rows) {  // a last partial step computes stale tile rows and drops them
-                const long long off = ((row0 + s + k) * n_blocks + b) * 32 + lane;
-                if (z_out != nullptr) z_out[off] = z[k];
-                y[off] = out;
-            }
+        for (int k = 0; k < TORQ_W_STEP; ++k) zrow[k * 32 + lane] = z[k];
+        __syncwarp();
+        const float4 v = ztile[warp][lane];  // row tr of the step, elements 4 tc .. 4 tc + 3
+        const float e4[4] = {v.x, v.y, v.z, v.w};
+        // the block's amax over the bits of |v| (their order for non-negative floats); a NaN/Inf
+        // maps to +Inf's bits, above every finite magnitude, so the same max flags the block
+        const unsigned inf_bits = 0x7f800000u;
+        unsigned m = 0u;
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const unsigned u = isfinite(e4[i]) ? torq_float_to_bits(fabsf(e4[i])) : inf_bits;
+            m = u > m ? u : m;
+        }
+        m = torq_row_max_u32(m);
+        float o[4];
+        if (m == inf_bits || m == 0u) {
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) o[i] = m ? torq_nan() : 0.f;
+        } else {
+            const int e = torq_mxfp4_exponent(torq_bits_to_float(m), bump);
+            const float down = torq_pow2(-e), up = torq_pow2(e);
+            #pragma unroll
+            for (int i = 0; i < 4; ++i) o[i] = torq_mxfp4_scaled(e4[i], down, up);
+        }
+        if (s + tr < rows) {  // a last partial step computes stale tile rows and drops them
+            const long long off = ((row0 + s + tr) * n_blocks + b) * 8 + tc;  // in float4
+            if (z_out != nullptr) reinterpret_cast<float4*>(z_out)[off] = v;
+            reinterpret_cast<float4*>(y)[off] = make_float4(o[0], o[1], o[2], o[3]);
         }
     }
 }

@@ -6,8 +6,9 @@ build the kernels exactly as a GPU session does."""
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from pathlib import Path
+
+from torq_onnx.runtime_ops.nvidia_wheels import wheel_files
 
 
 class NVRTCError(RuntimeError):
@@ -16,12 +17,8 @@ class NVRTCError(RuntimeError):
 
 def find_library() -> Path | None:
     """libnvrtc.so.* from the nvidia-cuda-nvrtc wheel (nvidia/cu13/lib or nvidia/cuda_nvrtc/lib)."""
-    spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        found = sorted(p for p in Path(root).glob("*/lib/libnvrtc.so*") if "builtins" not in p.name)
-        if found:
-            return found[0]
-    return None
+    found = [p for p in wheel_files("*/lib/libnvrtc.so*") if "builtins" not in p.name]
+    return found[0] if found else None
 
 
 class Nvrtc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 
 from torq_onnx import mxfp4
 from torq_onnx.runtime_ops import functions as F
+from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool
 
 from test_runtime_ops import adversarial
 
@@ -64,6 +66,25 @@ def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch
         assert (r["stack"], r["spill_stores"], r["spill_loads"]) == (0, 0, 0), (kernel, r)
         assert ".local" not in bodies[kernel]
         assert "ld.global.nc.v4.f32" in bodies[kernel]
+
+
+@pytest.mark.skipif(not (cuda_tool("cuobjdump") and cuda_tool("nvdisasm")),
+                    reason="needs cuobjdump and nvdisasm (the dev extra's nvidia-cuda-cuobjdump, -nvdisasm)")
+def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
+    """tools/sass_cost.py on the sm_90 machine code: both fused kernels issue exactly 32 FFMA
+    per (row, block) and lane (the 32 x 32 matvec, once), which checks the tool's normalization;
+    and the warp kernel's loop stays under 100 warp instructions per (row, block), the budget
+    its issue-rate ceiling above an H100's copy bandwidth rests on (it was 186 when each row
+    worked out its own block exponent)."""
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "sass_cost.py")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = {m[0]: m[1:] for m in re.findall(r"^\s*(thread|warp)\s+\d+\s+\d+\s+\d+\s+(\d+)\s+(\d+)\s+([\d.]+)", res.stdout, re.M)}
+    assert set(rows) == {"thread", "warp"}, res.stdout
+    for kernel, (counted, ffma, per_row) in rows.items():
+        assert float(per_row) == pytest.approx(int(counted) / {"thread": 32, "warp": 4}[kernel])
+        assert int(ffma) / {"thread": 32, "warp": 4}[kernel] == 32, (kernel, res.stdout)
+    assert float(rows["warp"][2]) < 100, res.stdout
 
 
 @pytest.fixture(scope="module", params=["host form", "device form"])

@@ -60,13 +60,12 @@ def sanitizer_missing(flags: list[str]) -> str | None:
 NO_TSAN = sanitizer_missing(TSAN)
 
 
-@pytest.fixture(scope="module", params=["redux", "shuffle", "tsan"])
+@pytest.fixture(scope="module", params=["plain", "tsan"])
 def harness(request, tmp_path_factory) -> Path:
-    """The harness, with the warp max as on sm_80+ (redux.sync) or as before sm_80 (shuffles),
-    and the redux build again under ThreadSanitizer, where any data race fails the run."""
+    """The harness, and again under ThreadSanitizer, where any data race fails the run."""
     if request.param == "tsan" and NO_TSAN:
         pytest.skip(NO_TSAN)
-    flags = {"redux": [], "shuffle": ["-DTORQ_SHUFFLE_MAX"], "tsan": TSAN}[request.param]
+    flags = {"plain": [], "tsan": TSAN}[request.param]
     return build_harness(tmp_path_factory.mktemp("simt") / "kernel_harness", *flags)
 
 
@@ -151,16 +150,13 @@ def test_a_wrong_launch_shape_is_caught(harness):
 
 
 # The barriers the fused kernels need, each as its exact line in mxfp4_quant.cu, with the kernel
-# (a key of cuda.ROTATE_KERNELS) and the shared array it orders. The first __syncwarp is reported only because the emulator
-# does not let the warp collectives between a step's reads and the next step's store order
-# memory (CUDA promises that of __syncwarp, not of a shuffle or redux).
+# (a key of cuda.ROTATE_KERNELS) and the shared array it orders.
 BARRIERS = {
     "thread kernel: R_b staged before use": ("thread", "rs", "    __syncthreads();\n"),
-    "warp kernel: tile read before it is overwritten": (
-        "warp", "tile",
-        "        __syncwarp();  // every lane has finished reading the previous step's tile\n"),
     "warp kernel: tile stored before it is read": (
         "warp", "tile", "        tile[warp][lane] = next;\n        __syncwarp();\n"),
+    "warp kernel: z tile stored before it is read": (
+        "warp", "ztile", "        for (int k = 0; k < TORQ_W_STEP; ++k) zrow[k * 32 + lane] = z[k];\n        __syncwarp();\n"),
 }
 
 

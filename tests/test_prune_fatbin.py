@@ -8,7 +8,6 @@ NVIDIA's own reader lists and extracts the pruned library's images."""
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "prune_fatbin.py"
 KERNEL = """extern "C" __global__ void add_one(float* x, int n) {
@@ -26,17 +27,6 @@ extern "C" void launch(float* x, int n) { add_one<<<(n + 255) / 256, 256>>>(x, n
 """
 
 pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (CUDA's compiler)")
-
-
-def cuobjdump() -> str | None:
-    """CUDA's cuobjdump: on the PATH, or from the nvidia-cuda-cuobjdump wheel."""
-    if shutil.which("cuobjdump"):
-        return shutil.which("cuobjdump")
-    spec = importlib.util.find_spec("nvidia")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        for exe in Path(root).glob("cu*/bin/cuobjdump"):
-            return str(exe)
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +82,14 @@ def test_prune_drops_exactly_the_unusable_cubins(built, tmp_path, keep, dropped,
     assert again.returncode == 0 and lib.read_bytes() == after and "dropped 0.0 MB" in again.stdout
 
 
-@pytest.mark.skipif(cuobjdump() is None, reason="needs CUDA's cuobjdump (pip install nvidia-cuda-cuobjdump)")
+@pytest.mark.skipif(cuda_tool("cuobjdump") is None, reason="needs CUDA's cuobjdump (pip install nvidia-cuda-cuobjdump)")
 def test_cuobjdump_reads_the_pruned_library(built, tmp_path):
     """NVIDIA's own reader of fat binaries lists the pruned library's images (sm_90 and the
     PTX, no sm_80) and extracts its sm_90 cubin byte-identical to nvcc's standalone one."""
     lib = tmp_path / "libk.so"
     shutil.copy(built["lib"], lib)
     assert prune(lib, "--keep", "90").returncode == 0
-    tool = cuobjdump()
+    tool = cuda_tool("cuobjdump")
     elves = subprocess.run([tool, "--list-elf", str(lib)], capture_output=True, text=True, check=True).stdout
     ptx = subprocess.run([tool, "--list-ptx", str(lib)], capture_output=True, text=True, check=True).stdout
     assert re.findall(r"\.(sm_\d+)\.cubin", elves) == ["sm_90"] and re.findall(r"\.(sm_\d+)\.ptx", ptx) == ["sm_90"]
