@@ -76,8 +76,9 @@ __host__ __device__ inline float torq_min(float a, float b) {
 // E2M1 magnitude of a scaled magnitude q >= 0: round half to even on the grid
 // {0, .5, 1, 1.5, 2, 3, 4, 6} (step .5 below 2, 1 below 4, 2 above), saturating at 6.
 __host__ __device__ inline float torq_e2m1_round(float q) {
-#if TORQ_DEVICE_FORM
-    float r = q < 2.f ? rintf(q * 2.f) * 0.5f : (q < 4.f ? rintf(q) : rintf(q * 0.5f) * 2.f);
+#if TORQ_DEVICE_FORM  // the grid step as a selected power of two: one rintf, no branch for lanes to diverge on
+    const float to_steps = q < 2.f ? 2.f : (q < 4.f ? 1.f : 0.5f), step = q < 2.f ? 0.5f : (q < 4.f ? 1.f : 2.f);
+    float r = rintf(q * to_steps) * step;  // both products exact: powers of two, q in [0, 8]
 #else  // the same value as a select of all three candidates, which a host compiler vectorizes
     const float fine = rintf(q * 2.f) * 0.5f, unit = rintf(q), coarse = rintf(q * 0.5f) * 2.f;
     float r = q < 2.f ? fine : (q < 4.f ? unit : coarse);
