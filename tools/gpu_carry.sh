@@ -27,8 +27,8 @@
 #           on the device and the session rows for both)
 # and, if device time is left, a call that carries nothing (/tmp/site is unpacked by then):
 #   TORQ_VERIFY_CARRY=/tmp/carry TORQ_VERIFY_MODEL=/tmp/out/model.onnx \
-#   TORQ_VERIFY_STAGES="ops sanitizers split" bash tools/gpu_verify.sh
-# (bench_ops' ORT columns, compute-sanitizer, the split runner).
+#   TORQ_VERIFY_STAGES="ops profile sanitizers split" bash tools/gpu_verify.sh
+# (bench_ops' ORT columns, Nsight Compute on the fused kernels, compute-sanitizer, the split runner).
 # On this project's 2-core machine the two exports take 3 min and the session stage 1.5 min
 # per model for its CPU rows.
 set -euo pipefail

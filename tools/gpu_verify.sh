@@ -7,13 +7,17 @@
 #               itself; tests/simt checks the same kernels for races under ThreadSanitizer on
 #               the host) and synccheck on both fused kernels
 #   ops         tools/bench_ops.py --cuda-only (the op against a device copy and its MatMul)
+#   profile     Nsight Compute (ncu) on both fused kernels at D=4096, 8k tokens: throughput
+#               against the memory and issue limits, occupancy and warp stalls, to tell which
+#               bounds each (tools/sass_cost.py predicts the issue limit); where ncu cannot
+#               read the counters (a gVisor machine) it says so and the run goes on
 #   split       tools/bench_split.py --device cuda on the model (split runner vs whole graph)
 #   session     tools/bench_cuda_session.py on the model (CPU, CUDA EP function body, split
 #               runner, compiled library on CPU and on the CUDA EP: PPL, KL and top-1 vs CPU)
 # The last two need a model: TORQ_VERIFY_MODEL=OUT/model.onnx (an export), or
 # TORQ_VERIFY_EXPORT=DIR to export the default model there first, and for the session stage
 # also a float export (quantization off) in DIR-float (needs the packages tools/gpu_carry.sh
-# packs). Logs go to ${OUT:-gpu-verify-logs}.
+# packs).
 # onnxruntime-gpu is optional: with only the CPU onnxruntime, the tests that need the CUDA EP
 # skip, the benchmarks' ORT columns read n/a and the split and session stages are skipped.
 # TORQ_VERIFY_CARRY=DIR (the parts of tools/gpu_carry.sh, copied into DIR over several calls)
@@ -21,8 +25,13 @@
 # and puts that first on PYTHONPATH.
 # Run from the repository root: bash tools/gpu_verify.sh [--quick]   (--quick: bench_ops without D=8192)
 set -uo pipefail
-out=${OUT:-gpu-verify-logs}
-stages=" ${TORQ_VERIFY_STAGES:-tests sanitizers ops split session} "
+# Logs go to gpu-verify-logs/, or, on the device (where $OUT is set and at most 8 files come
+# back from it), to /tmp/gpu-verify-logs, packed into $OUT/gpu-verify-logs.tgz after every
+# stage, so a run stopped at its time limit still returns the stages it finished.
+if [ -n "${OUT:-}" ]; then out=/tmp/gpu-verify-logs; pack_to="$OUT/gpu-verify-logs.tgz"; rm -rf "$out"; else out=gpu-verify-logs; pack_to=""; fi
+pack() { [ -z "$pack_to" ] || { tar czf "$pack_to.tmp" -C "$out" . && mv "$pack_to.tmp" "$pack_to"; }; }
+trap pack EXIT
+stages=" ${TORQ_VERIFY_STAGES:-tests sanitizers ops profile split session} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -58,6 +67,7 @@ python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_a
 if stage tests; then
     python3 -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tee "$out/pytest_gpu.log" || status=1
 fi
+pack
 if stage sanitizers; then
     # A small case for the sanitizers (they slow kernels down by orders of magnitude): both fused
     # kernels on 133 rows x 5 blocks (a partial row tile, a partial step, idle warps), per-block R.
@@ -78,9 +88,36 @@ print("sanitizer case ran", sorted(cuda.ROTATE_KERNELS))'
         echo "compute-sanitizer not found: sanitizer runs skipped" | tee "$out/sanitizer_skipped.txt"
     fi
 fi
+pack
 if stage ops; then
     python3 tools/bench_ops.py --cuda-only "$@" 2>&1 | tee "$out/bench_ops.txt" || status=1
 fi
+pack
+if stage profile; then
+    case='import cupy as cp, numpy as np
+from torq_onnx.runtime_ops import cuda
+rng = np.random.default_rng(0)
+x = cp.asarray(rng.standard_normal((8192, 4096)).astype(np.float32))
+r = cp.asarray((rng.standard_normal((128, 32, 32)) / np.sqrt(32)).astype(np.float32))
+for k in sorted(cuda.ROTATE_KERNELS):
+    for _ in range(2):  # ncu skips the first launch of each (compilation, first touch)
+        cuda.block_rotate_quantize(x, r, kernel=k)
+cp.cuda.Device().synchronize()'
+    ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [ -n "$ncu" ]; then
+        for kernel in $(python3 -c "from torq_onnx.runtime_ops import cuda; print(' '.join(s.name for s in cuda.ROTATE_KERNELS.values()))"); do
+            # --clock-control none: the clocks as a real run has them (the device notes' advice)
+            timeout 240 "$ncu" --clock-control none --kernel-name "$kernel" --launch-skip 1 --launch-count 1 \
+                --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section Occupancy \
+                --section WarpStateStats --section MemoryWorkloadAnalysis \
+                python3 -c "$case" >"$out/ncu_$kernel.txt" 2>&1
+            echo "ncu $kernel (rc $?): $(grep -E 'Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|DRAM Throughput|ERR|Error' "$out/ncu_$kernel.txt" | tr -s ' ' | tr '\n' ';')"
+        done
+    else
+        echo "ncu not found: profile skipped" | tee "$out/ncu_skipped.txt"
+    fi
+fi
+pack
 model=${TORQ_VERIFY_MODEL:-}
 float_model=""
 if [ -z "$model" ] && [ -n "${TORQ_VERIFY_EXPORT:-}" ] && { stage split || stage session; }; then
@@ -92,6 +129,7 @@ if [ -z "$model" ] && [ -n "${TORQ_VERIFY_EXPORT:-}" ] && { stage split || stage
             || { tail -20 "$out/export_float.log"; status=1; }
     fi
 fi
+pack
 if [ -n "$model" ]; then
     if has_cuda_ep; then
         if stage split; then
@@ -107,4 +145,5 @@ if [ -n "$model" ]; then
         done
     fi
 fi
+pack
 exit $status
