@@ -62,6 +62,11 @@ if [ -d "$site/nvidia" ]; then
     libs=$(find "$site/nvidia" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
+kernel_inputs() {  # Python that sets up x [ROWS, 32 BLOCKS] and per-block R [BLOCKS, 32, 32] on the GPU
+    printf '%s\n' "import cupy as cp, numpy as np" "from torq_onnx.runtime_ops import cuda" "rng = np.random.default_rng(0)" \
+        "x = cp.asarray(rng.standard_normal(($1, 32 * $2)).astype(np.float32))" \
+        "r = cp.asarray((rng.standard_normal(($2, 32, 32)) / np.sqrt(32)).astype(np.float32))"
+}
 has_cuda_ep() { python3 -c "import onnxruntime as o; raise SystemExit('CUDAExecutionProvider' not in o.get_available_providers())"; }
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$out/device.txt"
 if stage tests; then
@@ -71,14 +76,10 @@ pack
 if stage sanitizers; then
     # A small case for the sanitizers (they slow kernels down by orders of magnitude): both fused
     # kernels on 133 rows x 5 blocks (a partial row tile, a partial step, idle warps), per-block R.
-    case='import cupy as cp, numpy as np
-from torq_onnx.runtime_ops import cuda
-rng = np.random.default_rng(0)
-x = cp.asarray(rng.standard_normal((133, 160)).astype(np.float32))
-r = cp.asarray((rng.standard_normal((5, 32, 32)) / np.sqrt(32)).astype(np.float32))
+    case="$(kernel_inputs 133 5)
 ys = [cuda.block_rotate_quantize(x, r, kernel=k).get() for k in cuda.ROTATE_KERNELS]
-assert all(np.array_equal(y, ys[0]) for y in ys), "the fused kernels disagree"
-print("sanitizer case ran", sorted(cuda.ROTATE_KERNELS))'
+assert all(np.array_equal(y, ys[0]) for y in ys), 'the fused kernels disagree'
+print('sanitizer case ran', sorted(cuda.ROTATE_KERNELS))"
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck synccheck; do
             timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -c "$case" >"$out/sanitizer_$tool.log" 2>&1 || status=1
@@ -94,15 +95,11 @@ if stage ops; then
 fi
 pack
 if stage profile; then
-    case='import cupy as cp, numpy as np
-from torq_onnx.runtime_ops import cuda
-rng = np.random.default_rng(0)
-x = cp.asarray(rng.standard_normal((8192, 4096)).astype(np.float32))
-r = cp.asarray((rng.standard_normal((128, 32, 32)) / np.sqrt(32)).astype(np.float32))
+    case="$(kernel_inputs 8192 128)
 for k in sorted(cuda.ROTATE_KERNELS):
     for _ in range(2):  # ncu skips the first launch of each (compilation, first touch)
         cuda.block_rotate_quantize(x, r, kernel=k)
-cp.cuda.Device().synchronize()'
+cp.cuda.Device().synchronize()"
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$ncu" ]; then
         for kernel in $(python3 -c "from torq_onnx.runtime_ops import cuda; print(' '.join(s.name for s in cuda.ROTATE_KERNELS.values()))"); do
