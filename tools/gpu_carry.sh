@@ -16,9 +16,9 @@
 # Then, on the device, consecutive calls (a machine stays warm ~30 s after a call, and what a
 # call writes under /tmp stays while it is warm), each with carry=[DEST/pK]:
 #   first:  mkdir -p /tmp/carry && cp DEST/p0/* /tmp/carry/ &&
-#           TORQ_VERIFY_STAGES="tests ops" bash tools/gpu_verify.sh
-#           (the image's own CuPy and CPU onnxruntime: the fused kernels' tests and bench_ops'
-#           CUDA table, the part of the checks that needs nothing carried)
+#           TORQ_VERIFY_STAGES="tests ops profile" bash tools/gpu_verify.sh
+#           (the image's own CuPy and CPU onnxruntime: the fused kernels' tests, bench_ops'
+#           CUDA table and their Nsight Compute profile, the checks that need nothing carried)
 #   middle: cp DEST/pK/* /tmp/carry/
 #   last:   cp DEST/pN/* /tmp/carry/ && TORQ_VERIFY_CARRY=/tmp/carry TORQ_VERIFY_EXPORT=/tmp/out \
 #           TORQ_VERIFY_STAGES="tests session" bash tools/gpu_verify.sh
@@ -27,10 +27,12 @@
 #           on the device and the session rows for both)
 # and, if device time is left, a call that carries nothing (/tmp/site is unpacked by then):
 #   TORQ_VERIFY_CARRY=/tmp/carry TORQ_VERIFY_MODEL=/tmp/out/model.onnx \
-#   TORQ_VERIFY_STAGES="ops profile sanitizers split" bash tools/gpu_verify.sh
-# (bench_ops' ORT columns, Nsight Compute on the fused kernels, compute-sanitizer, the split runner).
+#   TORQ_VERIFY_STAGES="ops sanitizers split" bash tools/gpu_verify.sh
+# (bench_ops' ORT columns, compute-sanitizer, the split runner).
 # On this project's 2-core machine the two exports take 3 min and the session stage 1.5 min
-# per model for its CPU rows.
+# per model for its CPU rows. Should the CUDA EP not find its kernels in the pruned provider
+# (a "no kernel image" error where an unpruned one runs), GPU_CARRY_ARCHS=all packs it whole,
+# in about six parts.
 set -euo pipefail
 dest=${1:-.gpu-carry}
 python=${GPU_PYTHON_VERSION:-3.12}  # the device image's python3
