@@ -1,5 +1,5 @@
-"""CUDA's host tools and libraries as NVIDIA's pip wheels install them (nvidia-cuda-nvrtc,
-nvidia-cuda-cuobjdump: under ``site-packages/nvidia/<component>/``, on no search path), so
+"""CUDA's host tools and libraries as NVIDIA's pip wheels install them (nvidia-cuda-nvrtc, -cuobjdump,
+-nvdisasm: under ``site-packages/nvidia/<component>/``, on no search path), so
 code that runs without a CUDA toolkit can still find them."""
 
 from __future__ import annotations

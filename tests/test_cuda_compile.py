@@ -74,8 +74,8 @@ def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
     """tools/sass_cost.py on the sm_90 machine code: both fused kernels issue exactly 32 FFMA
     per (row, block) and lane (the 32 x 32 matvec, once), which checks the tool's normalization;
     and the warp kernel's loop stays under 100 warp instructions per (row, block), the budget
-    its issue-rate ceiling above an H100's copy bandwidth rests on (it was 186 when each row
-    worked out its own block exponent)."""
+    its issue-rate ceiling above an H100's copy bandwidth rests on (quantizing the step's rows
+    one after another, each lane one element, costs 186)."""
     res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "sass_cost.py")], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr

@@ -113,8 +113,12 @@ def test_prune_refuses_an_architecture_the_library_lacks(built, tmp_path):
 @pytest.mark.parametrize("content,message", [(b"not an ELF", "not a little-endian ELF64 file"), (None, "no .nv_fatbin section")])
 def test_prune_rejects_files_without_cuda_code(tmp_path, content, message):
     path = tmp_path / "lib.so"
-    if content is None:
-        shutil.copy(sys.executable, path)  # a real ELF with no device code
+    if content is None:  # a real shared library with no device code
+        (tmp_path / "none.cpp").write_text("extern \"C\" int none() { return 0; }\n")
+        cxx = shutil.which("g++") or shutil.which("c++")
+        if cxx is None:
+            pytest.skip("needs a host C++ compiler")
+        subprocess.run([cxx, "-shared", "-fPIC", "-o", str(path), str(tmp_path / "none.cpp")], check=True)
     else:
         path.write_bytes(content)
     res = prune(path, "--keep", "90")
