@@ -233,13 +233,26 @@ inline void run_thread(void (*kernel)(Params...), Args... args) {
     cta->sync.arrive_and_drop();
 }
 
+// A launch's shape, checked and made the kernel's gridDim and blockDim.
+inline void begin_launch(dim3 grid, dim3 block) {
+    if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32) fail("only 1-D blocks of whole warps are emulated");
+    gridDim = grid;
+    blockDim = block;
+}
+
+// run_cta(blockIdx) for every CTA of the grid, one after another, x fastest.
+template <class RunCta>
+inline void for_each_cta(dim3 grid, RunCta run_cta) {
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) run_cta(dim3{bx, by, bz});
+}
+
 #if defined(__SANITIZE_THREAD__)
 // Runs kernel(args...) on a grid of CTAs, one after another, on a pool of block.x host threads.
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
-    if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32) fail("only 1-D blocks of whole warps are emulated");
-    gridDim = grid;
-    blockDim = block;
+    begin_launch(grid, block);
     std::barrier<> start(block.x + 1), done(block.x + 1);  // the pool and this thread, per CTA
     std::unique_ptr<Cta> c;
     dim3 current;
@@ -257,15 +270,13 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
                 done.arrive_and_wait();
             }
         });
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                c = std::make_unique<Cta>(block.x);
-                cta = c.get();
-                current = dim3{bx, by, bz};
-                start.arrive_and_wait();
-                done.arrive_and_wait();
-            }
+    for_each_cta(grid, [&](dim3 idx) {
+        c = std::make_unique<Cta>(block.x);
+        cta = c.get();
+        current = idx;
+        start.arrive_and_wait();
+        done.arrive_and_wait();
+    });
     finished = true;
     start.arrive_and_wait();
     for (auto& th : pool) th.join();
@@ -286,35 +297,31 @@ inline void fiber_entry() {
 // barrier some threads of the CTA or warp never reach), reported instead of hanging.
 template <class... Params, class... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
-    if (block.y != 1 || block.z != 1 || block.x == 0 || block.x % 32) fail("only 1-D blocks of whole warps are emulated");
-    gridDim = grid;
-    blockDim = block;
+    begin_launch(grid, block);
     constexpr size_t kStack = 256 << 10;
     std::vector<fibers::Fiber> fs(block.x);
     std::unique_ptr<char[]> stacks(new char[kStack * block.x]);
     thread_body = [&] { run_thread(kernel, args...); };
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                Cta c(block.x);
-                cta = &c;
-                for (unsigned t = 0; t < block.x; ++t) fibers::prepare(fs[t], stacks.get() + t * kStack, kStack, fiber_entry);
-                for (unsigned left = block.x; left > 0;) {
-                    const unsigned long long before = fibers::progress;
-                    for (unsigned t = 0; t < block.x; ++t) {
-                        if (fs[t].done) continue;
-                        threadIdx = dim3{t, 0, 0};
-                        blockIdx = dim3{bx, by, bz};
-                        fibers::resume(fs[t]);
-                        if (fs[t].done) {
-                            --left;
-                            ++fibers::progress;
-                        }
-                    }
-                    if (left > 0 && fibers::progress == before) fail("deadlock: a barrier that not every thread of its CTA or warp reaches");
+    for_each_cta(grid, [&](dim3 idx) {
+        Cta c(block.x);
+        cta = &c;
+        for (unsigned t = 0; t < block.x; ++t) fibers::prepare(fs[t], stacks.get() + t * kStack, kStack, fiber_entry);
+        for (unsigned left = block.x; left > 0;) {
+            const unsigned long long before = fibers::progress;
+            for (unsigned t = 0; t < block.x; ++t) {
+                if (fs[t].done) continue;
+                threadIdx = dim3{t, 0, 0};
+                blockIdx = idx;
+                fibers::resume(fs[t]);
+                if (fs[t].done) {
+                    --left;
+                    ++fibers::progress;
                 }
-                cta = nullptr;
             }
+            if (left > 0 && fibers::progress == before) fail("deadlock: a barrier that not every thread of its CTA or warp reaches");
+        }
+        cta = nullptr;
+    });
     thread_body = nullptr;
 }
 #endif
