@@ -26,6 +26,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from torq_onnx.atomic import replace_dir
 from torq_onnx.errors import TorqError
 
 HERE = Path(__file__).parent
@@ -104,9 +105,7 @@ def fetch_npm_headers(dest: Path) -> None:
                         (staged / Path(name).name).write_bytes(src.read())
         if not (staged / "onnxruntime_c_api.h").is_file():
             raise TorqError(f"{NPM_HEADERS_PACKAGE} no longer holds onnxruntime_c_api.h under {NPM_HEADERS_DIR}")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staged, dest)
+        replace_dir(staged, dest)
 
 
 def _cpu_isa_flags() -> list[str]:
