@@ -25,6 +25,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotatio
 err = Console(stderr=True)
 
 
+def _custom_ops_option():
+    """eval's and generate's --custom-ops."""
+    return typer.Option(False, help="Run the torq ops as the compiled custom-op library (see build-ops; built "
+                        "and cached on first use) instead of their ONNX function bodies")
+
+
 def _fail(exc: Exception) -> None:
     err.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
@@ -100,8 +106,7 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON here"),
     reference: Optional[str] = typer.Option(None, help="Float model to compare with (a MODEL as for export, e.g. smollm2-135m): "
                                             "adds KL divergence and top-1 agreement"),
-    custom_ops: bool = typer.Option(False, help="Run the torq ops as the compiled custom-op library (see build-ops; built "
-                                    "and cached on first use) instead of their ONNX function bodies"),
+    custom_ops: bool = _custom_ops_option(),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Perplexity of MODEL_ONNX in ONNX Runtime on held-out text (strided windows)."""
@@ -132,8 +137,7 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; else sample from softmax(logits / T)"),
     top_p: float = typer.Option(1.0, max=1.0, help="Sample only from the most likely tokens holding this much mass"),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling"),
-    custom_ops: bool = typer.Option(False, help="Run the torq ops as the compiled custom-op library (see build-ops; built "
-                                    "and cached on first use) instead of their ONNX function bodies"),
+    custom_ops: bool = _custom_ops_option(),
 ) -> None:
     """Generate text with the KV cache in ONNX Runtime, streamed; prints prefill and decode speed."""
     from torq_onnx.generate import SamplingOptions, generate as run_generation
@@ -201,7 +205,8 @@ def build_ops(
     ort_include: Optional[Path] = typer.Option(None, help="ONNX Runtime's C API headers (an ORT release's include folder; default: "
                                                "$TORQ_ORT_INCLUDE, else fetched once from the npm registry)"),
     kernel: Optional[str] = typer.Option(None, help="CUDA: the fused kernel (thread | warp; default thread)"),
-    arch: list[str] = typer.Option(["sm_80", "sm_90"], help="CUDA: GPU architectures to build for (repeatable)"),
+    arch: Optional[list[str]] = typer.Option(None, help="CUDA: GPU architectures to build for (repeatable; default: "
+                                             "sm_80 and sm_90)"),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the library here (default: the cache, reused while "
                                        "nothing changes)"),
     genai: Optional[Path] = typer.Option(None, help="An export folder: copy the library into it and name it in its "
@@ -214,7 +219,8 @@ def build_ops(
     from torq_onnx.runtime_ops import compiled
 
     try:
-        path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch), output=out)
+        path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch or compiled.DEFAULT_CUDA_ARCHS),
+                                      output=out)
         if genai is not None:
             path = bundle_custom_ops(genai, path)
     except (TorqError, ValueError) as exc:
