@@ -110,13 +110,14 @@ def cpu_table(dims: list[int], tokens: list[int]) -> None:
             t_mm = best_time(lambda: mm.run(None, {"x": x, "w": w}))
             for name in ("wush", "eye", "torq"):
                 ri, rk = layout(d, name)
-                sess = session(op_model(d, name != "torq"), "CPUExecutionProvider")
+                model, feeds = op_model(d, name != "torq"), {"x": x, "ri": ri, "rk": rk}
+                sess = session(model, "CPUExecutionProvider")
                 t_ref = best_time(lambda: ref.rotate_quantize(x, ri, rk), repeat=1)
-                t_ort = best_time(lambda: sess.run(None, {"x": x, "ri": ri, "rk": rk}))
+                t_ort = best_time(lambda: sess.run(None, feeds))
                 t_lib = float("nan")
                 if lib:
-                    sess_lib = session(op_model(d, name != "torq"), "CPUExecutionProvider", lib)
-                    t_lib = best_time(lambda: sess_lib.run(None, {"x": x, "ri": ri, "rk": rk}))
+                    sess_lib = session(model, "CPUExecutionProvider", lib)
+                    t_lib = best_time(lambda: sess_lib.run(None, feeds))
                 print(f"{d:>5} {t:>6} {name:>6} {t_ref * 1e3:>12.1f} {t_ort * 1e3:>9.1f} {t_lib * 1e3:>10.1f} {t_mm * 1e3:>13.1f} "
                       f"{t_ort / t_mm:>9.2f} {t_lib / t_mm:>10.2f}")
 
@@ -162,19 +163,19 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
     for d in dims:
         w = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
         mm = session(matmul_model(d), "CUDAExecutionProvider") if has_ort else None
+        wd = None if mm else cp.asarray(w)  # CuPy's MatMul instead
         for t in tokens:
             x = np.random.default_rng(0).standard_normal((t, d)).astype(np.float32)
             xd, out = cp.asarray(x), cp.empty((t, d), cp.float32)
             copy_gbps = 2 * x.nbytes / gpu_ms(lambda: cp.copyto(out, xd)) / 1e6
-            wd = cp.asarray(w)
             t_mm = ort_cuda_ms(mm, {"x": x, "w": w}, "y") if mm else gpu_ms(lambda: cp.matmul(xd, wd))
             floor = 100 * (2 * x.nbytes / copy_gbps / 1e6) / t_mm  # op/MatMul if the op ran at copy bandwidth
             for name in ("wush", "torq"):
                 ri, rk = layout(d, name)
-                feeds = {"x": x, "ri": ri, "rk": rk}
-                t_fn = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider"), feeds, "y") if has_ort else float("nan")
+                model, feeds = op_model(d, name == "wush"), {"x": x, "ri": ri, "rk": rk}
+                t_fn = ort_cuda_ms(session(model, "CUDAExecutionProvider"), feeds, "y") if has_ort else float("nan")
                 # the compiled op in a whole-graph ORT CUDA session (its default kernel, cuda.DEFAULT_ROTATE_KERNEL)
-                t_lib = ort_cuda_ms(session(op_model(d, name == "wush"), "CUDAExecutionProvider", lib), feeds, "y") if lib else float("nan")
+                t_lib = ort_cuda_ms(session(model, "CUDAExecutionProvider", lib), feeds, "y") if lib else float("nan")
                 for kernel in cuda.ROTATE_KERNELS:
                     q = cuda.RotateQuantizer(ri, rk, kernel=kernel)
                     t_ours = gpu_ms(lambda: q(xd))
