@@ -45,14 +45,21 @@ def op_model(d: int, op: str = F.ROTATE_QUANTIZE, rule: str = "floor", dtype: in
     return model
 
 
-def session(model: onnx.ModelProto, library: Path | None = None, profile_dir: Path | None = None) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, library: Path | None = None, profile_dir: Path | None = None,
+            provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
     opts = ort.SessionOptions()
     if library is not None:
         compiled.register(opts, library)
     if profile_dir is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_dir / "prof")
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=[provider])
+
+
+def profiled_runs(sess: ort.InferenceSession, op: str) -> list[dict]:
+    """The events of ``op``'s node runs in ORT's profile of ``sess`` (made with profile_dir)."""
+    profile = json.loads(Path(sess.end_profiling()).read_text())
+    return [e for e in profile if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == op]
 
 
 def run(model: onnx.ModelProto, library: Path, x: np.ndarray) -> np.ndarray:
@@ -175,8 +182,7 @@ def test_whole_exported_model_runs_the_compiled_op(library, exported_decoder, tm
     want = base.run(["logits"], feeds)[0]
     sess = session(model, library, profile_dir=tmp_path)
     got = sess.run(["logits"], feeds)[0]
-    profile = json.loads(Path(sess.end_profiling()).read_text())
-    ran = [e for e in profile if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == F.ROTATE_QUANTIZE]
+    ran = profiled_runs(sess, F.ROTATE_QUANTIZE)
     assert len({e["name"] for e in ran}) >= sites, "the custom kernel did not run for every site"
     assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.9
     np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())
@@ -229,8 +235,7 @@ def test_cuda_session_matches_the_cpu_library_bit_for_bit(library, tmp_path):
             for rk in (np.eye(32, dtype=np.float32), (rng.standard_normal((8, 32, 32)) / 6).astype(np.float32)):
                 for op in (F.ROTATE_QUANTIZE, F.ROTATE):
                     model = op_model(256, op, dtype=dtype, r_inter=ri, r_intra=rk)
-                    opts = compiled.register(None, lib)
-                    gpu = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
+                    gpu = session(model, lib, provider="CUDAExecutionProvider")
                     assert same(gpu.run(None, {"x": x})[0], run(model, library, x)), (dtype, ri.shape, rk.shape, op)
 
 
@@ -263,16 +268,11 @@ def test_cuda_session_places_the_op_on_the_gpu_and_runs_concurrently(library, tm
     model = op_model(256, F.ROTATE_QUANTIZE, dtype=TensorProto.FLOAT16,
                      r_inter=np.linalg.qr(rng.standard_normal((8, 8)))[0].astype(np.float32),
                      r_intra=(rng.standard_normal((8, 32, 32)) / 6).astype(np.float32))
-    opts = compiled.register(None, compiled.build_library(cuda=True))
-    opts.enable_profiling = True
-    opts.profile_file_prefix = str(tmp_path / "prof")
-    gpu = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
+    gpu = session(model, compiled.build_library(cuda=True), profile_dir=tmp_path, provider="CUDAExecutionProvider")
     xs = [(rng.standard_normal((4099, 256)) * 2).astype(np.float16) for _ in range(4)]
     for x, y in zip(xs, concurrent_runs(gpu, xs)):
         assert same(y, run(model, library, x))
-    profile = json.loads(Path(gpu.end_profiling()).read_text())
-    providers = {e["args"].get("provider") for e in profile
-                 if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == F.ROTATE_QUANTIZE}
+    providers = {e["args"].get("provider") for e in profiled_runs(gpu, F.ROTATE_QUANTIZE)}
     assert providers == {"CUDAExecutionProvider"}, providers
 
 
