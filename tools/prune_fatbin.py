@@ -117,9 +117,9 @@ def summary(found: list[Fatbin]) -> str:
     return f"{len(found)} fat binaries; {listed}"
 
 
-def prune(data: bytearray, keep: list[int]) -> int:
-    """Drop, in data, every cubin no architecture in keep can use; returns the bytes freed."""
-    found = fatbins(data)
+def prune(data: bytearray, found: list[Fatbin], keep: list[int]) -> int:
+    """Drop, in data, every cubin no architecture in keep can use; returns the bytes freed.
+    ``found``: :func:`fatbins` of data."""
     every = [im for fb in found for im in fb.images]
     for arch in keep:
         if not any(im.usable_on(arch) for im in every):
@@ -148,9 +148,10 @@ def main() -> None:
     try:
         with open(args.library, "rb") as f:
             data = bytearray(f.read())
-        print(f"{args.library}: {summary(fatbins(data))}")
+        found = fatbins(data)
+        print(f"{args.library}: {summary(found)}")
         if args.keep:
-            freed = prune(data, args.keep)
+            freed = prune(data, found, args.keep)
             mode = os.stat(args.library).st_mode
             os.chmod(write_bytes_atomic(args.library, bytes(data)), mode)
             print(f"dropped {freed / 1e6:.1f} MB of images no GPU of sm_{', sm_'.join(map(str, args.keep))} can use; "

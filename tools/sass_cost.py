@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ ROWS_PER_WARP = {"thread": 32, "warp": 4}  # (row, block)s one pass of the count
 
 def compile_and_disassemble(arch: str) -> tuple[str, str]:
     """(ptxas's resource report, cuobjdump's SASS) of mxfp4_quant.cu for arch."""
-    nvcc, cuobjdump, nvdisasm = shutil.which("nvcc"), cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    nvcc, cuobjdump, nvdisasm = cuda_tool("nvcc"), cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
     if not (nvcc and cuobjdump and nvdisasm):
         sys.exit("sass_cost: needs nvcc, cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     with tempfile.TemporaryDirectory() as tmp:
