@@ -4,6 +4,7 @@ bit-exact to the numpy MXFP4 reference. Needs nvcc, not a GPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -20,6 +21,10 @@ from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool
 from test_runtime_ops import adversarial
 
 SRC = Path(F.__file__).parent
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+_spec = importlib.util.spec_from_file_location("sass_cost", TOOLS / "sass_cost.py")
+sass_cost = sys.modules["sass_cost"] = importlib.util.module_from_spec(_spec)  # its ptxas-report parser
+_spec.loader.exec_module(sass_cost)
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="no CUDA compiler (nvcc) on PATH")
 
@@ -39,31 +44,18 @@ def test_cuda_sources_compile_without_warnings(tmp_path, source, arch):
     assert (tmp_path / "out.cubin").stat().st_size > 0
 
 
-def ptxas_resources(arch: str, tmp_path: Path) -> dict[str, dict[str, int]]:
-    """ptxas's per-kernel resource report for mxfp4_quant.cu: registers, stack frame, spills."""
-    res = subprocess.run([NVCC, "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-I{SRC}", "-o", str(tmp_path / "k.cubin"),
-                          str(SRC / "mxfp4_quant.cu")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    report = {}
-    for name, frame, stores, loads, regs in re.findall(
-            r"Function properties for (\w+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
-            r"\s+ptxas info\s+: Used (\d+) registers", res.stdout + res.stderr):
-        report[name] = {"stack": int(frame), "spill_stores": int(stores), "spill_loads": int(loads), "registers": int(regs)}
-    return report
-
-
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch):
     """What the fused kernels' bandwidth rests on, checked without a GPU: the 32-element arrays a
     thread keeps (inputs, outputs, a column of R_b) stay in registers (no stack frame, no
     spills, no local memory), and x is read with 16-byte vector loads."""
-    report = ptxas_resources(arch, tmp_path)
+    report = sass_cost.ptxas_resources(sass_cost.compile_cubin(arch, tmp_path / "k.cubin"))
     ptx = subprocess.run([NVCC, "-ptx", f"-arch={arch}", f"-I{SRC}", "-o", "-", str(SRC / "mxfp4_quant.cu")],
                          capture_output=True, text=True, timeout=300).stdout
     bodies = dict(re.findall(r"\.entry (\w+)\((.*?)\n}", ptx, flags=re.S))
     for kernel in ("torq_block_rotate_quant", "torq_block_rotate_quant_warp"):
         r = report[kernel]
-        assert (r["stack"], r["spill_stores"], r["spill_loads"]) == (0, 0, 0), (kernel, r)
+        assert (r.stack, r.spill_stores, r.spill_loads) == (0, 0, 0), (kernel, r)
         assert ".local" not in bodies[kernel]
         assert "ld.global.nc.v4.f32" in bodies[kernel]
 
@@ -76,7 +68,7 @@ def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
     and the warp kernel's loop stays under 100 warp instructions per (row, block), the budget
     its issue-rate ceiling above an H100's copy bandwidth rests on (quantizing the step's rows
     one after another, each lane one element, costs 186)."""
-    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "sass_cost.py")], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(TOOLS / "sass_cost.py")], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
     rows_per_pass = {"thread": 32, "warp": 4}  # (row, block)s the counted code serves per warp

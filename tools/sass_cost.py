@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from torq_onnx.runtime_ops import cuda
@@ -33,26 +34,53 @@ BYTES_PER_BLOCK_ROW = 2 * 32 * 4  # x read and y written; z_out off
 ROWS_PER_WARP = {"thread": 32, "warp": 4}  # (row, block)s one pass of the counted code serves
 
 
-def compile_and_disassemble(arch: str) -> tuple[str, str]:
-    """(ptxas's resource report, cuobjdump's SASS) of mxfp4_quant.cu for arch."""
-    nvcc, cuobjdump, nvdisasm = cuda_tool("nvcc"), cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
-    if not (nvcc and cuobjdump and nvdisasm):
-        sys.exit("sass_cost: needs nvcc, cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+@dataclass(frozen=True)
+class Resources:
+    """One kernel's entry in ptxas's -v report."""
+
+    registers: int
+    smem: int  # bytes of static shared memory
+    stack: int  # bytes of stack frame
+    spill_stores: int
+    spill_loads: int
+
+
+_REPORT = re.compile(r"Function properties for (\w+)\s+(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
+                     r"\s+ptxas info\s+: Used (\d+) registers[^\n]*?(?:(\d+) bytes smem)?\n")
+
+
+def ptxas_resources(report: str) -> dict[str, Resources]:
+    """Every kernel's resources in ptxas's -v report, by name."""
+    return {name: Resources(int(regs), int(smem or 0), int(stack), int(stores), int(loads))
+            for name, stack, stores, loads, regs, smem in _REPORT.findall(report)}
+
+
+def compile_cubin(arch: str, cubin: Path) -> str:
+    """Compile mxfp4_quant.cu for arch into cubin with nvcc; ptxas's -v report."""
+    nvcc = cuda_tool("nvcc")
+    if not nvcc:
+        raise RuntimeError("sass_cost: no nvcc on PATH")
+    res = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-I{SRC.parent}", "-o", str(cubin), str(SRC)],
+                         capture_output=True, text=True, timeout=300)
+    if res.returncode:
+        raise RuntimeError(f"sass_cost: nvcc failed:\n{res.stderr}")
+    return res.stdout + res.stderr
+
+
+def compile_and_disassemble(arch: str) -> tuple[dict[str, Resources], str]:
+    """(each kernel's resources, cuobjdump's SASS) of mxfp4_quant.cu for arch."""
+    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
+    if not (cuobjdump and nvdisasm):
+        sys.exit("sass_cost: needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
-        res = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-I{SRC.parent}", "-o", str(cubin), str(SRC)],
-                             capture_output=True, text=True)
-        if res.returncode:
-            sys.exit(f"sass_cost: nvcc failed:\n{res.stderr}")
+        try:
+            report = compile_cubin(arch, cubin)
+        except RuntimeError as exc:
+            sys.exit(str(exc))
         env = {**os.environ, "PATH": f"{Path(nvdisasm).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # cuobjdump runs nvdisasm
         sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True, env=env).stdout
-    return res.stdout + res.stderr, sass
-
-
-def resources(report: str, kernel: str) -> tuple[int, int]:
-    """(registers, shared-memory bytes) of kernel in ptxas's -v report."""
-    m = re.search(rf"entry function '{kernel}'.*?Used (\d+) registers.*?(?:(\d+) bytes smem)?\n", report, re.S)
-    return int(m.group(1)), int(m.group(2) or 0)
+    return ptxas_resources(report), sass
 
 
 def instructions(sass: str, kernel: str) -> list[tuple[int, str]]:
@@ -79,7 +107,7 @@ def main() -> None:
     ap.add_argument("--clock-ghz", type=float, default=1.98, help="SM clock (H100/H200 boost: 1.98)")
     ap.add_argument("--copy-gbps", type=float, default=2828.0, help="a measured device-to-device copy, to compare with")
     args = ap.parse_args()
-    report, sass = compile_and_disassemble(args.arch)
+    resources, sass = compile_and_disassemble(args.arch)
     issue = args.sms * SCHEDULERS * args.clock_ghz * 1e9  # warp instructions a second
     print(f"{SRC.name} for {args.arch}; issue ceiling for {args.sms} SMs x {SCHEDULERS} schedulers at {args.clock_ghz} GHz, "
           f"against a {args.copy_gbps:.0f} GB/s copy")
@@ -87,7 +115,7 @@ def main() -> None:
     print(hdr + "\n" + "-" * len(hdr))
     for name, spec in sorted(cuda.ROTATE_KERNELS.items()):
         code = instructions(sass, spec.name)
-        regs, smem = resources(report, spec.name)
+        regs, smem = resources[spec.name].registers, resources[spec.name].smem
         counted = [t for _, t in code] if name == "thread" else longest_loop(code)
         per_row = len(counted) / ROWS_PER_WARP[name]
         ceiling = issue / per_row * BYTES_PER_BLOCK_ROW / 1e9

@@ -52,9 +52,11 @@ inline bool on_device(const void* p, size_t bytes) {
     return a >= it->first && a + bytes <= it->first + it->second;
 }
 
-[[noreturn]] inline void fail(const char* what, long detail = -1) {
+// "emulated CUDA runtime: " what [" (" detail ")"] [" " tail], then abort.
+[[noreturn]] inline void fail(const char* what, long detail = -1, const char* tail = nullptr) {
     std::fprintf(stderr, "emulated CUDA runtime: %s", what);
     if (detail >= 0) std::fprintf(stderr, " (%ld)", detail);
+    if (tail != nullptr) std::fprintf(stderr, " %s", tail);
     std::fprintf(stderr, "\n");
     std::abort();
 }
@@ -62,10 +64,7 @@ inline bool on_device(const void* p, size_t bytes) {
 inline void set_op_stream(cudaStream_t s) { rt().op_stream = s; }
 
 inline void check_stream(cudaStream_t s, const char* what) {
-    if (s != rt().op_stream) {
-        std::fprintf(stderr, "emulated CUDA runtime: %s enqueued on a stream other than the op's\n", what);
-        std::abort();
-    }
+    if (s != rt().op_stream) fail(what, -1, "enqueued on a stream other than the op's");
 }
 
 inline long live_allocations() {
