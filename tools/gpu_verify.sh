@@ -14,7 +14,8 @@
 #   split       tools/bench_split.py --device cuda on the model (split runner vs whole graph)
 #   session     tools/bench_cuda_session.py on the model (CPU, CUDA EP function body, split
 #               runner, compiled library on CPU and on the CUDA EP: PPL, KL and top-1 vs CPU)
-# The last two need a model: TORQ_VERIFY_MODEL=OUT/model.onnx (an export), or
+#   export      only the exports below (the split and session stages make them when they need them)
+# split and session need a model: TORQ_VERIFY_MODEL=OUT/model.onnx (an export), or
 # TORQ_VERIFY_EXPORT=DIR to export the default model there first, and for the session stage
 # also a float export (quantization off) in DIR-float (needs the packages tools/gpu_carry.sh
 # packs).
@@ -23,6 +24,9 @@
 # TORQ_VERIFY_CARRY=DIR (the parts of tools/gpu_carry.sh, copied into DIR over several calls)
 # checks the parts against their SHA256SUMS, unpacks them once into ${TORQ_VERIFY_SITE:-/tmp/site}
 # and puts that first on PYTHONPATH.
+# TORQ_VERIFY_DRY=1 rehearses the calls on a machine without a GPU: the carry's checksums and
+# unpacking, the install, the compiled library's CPU build against the carried headers, the
+# exports and the session stage's CPU rows (the CPU session and the library's CPU kernel).
 # Run from the repository root: bash tools/gpu_verify.sh [--quick]   (--quick: bench_ops without D=8192)
 set -uo pipefail
 # Logs go to gpu-verify-logs/, or, on the device (where $OUT is set and at most 8 files come
@@ -32,6 +36,8 @@ if [ -n "${OUT:-}" ]; then out=/tmp/gpu-verify-logs; pack_to="$OUT/gpu-verify-lo
 pack() { [ -z "$pack_to" ] || { tar czf "$pack_to.tmp" -C "$out" . && mv "$pack_to.tmp" "$pack_to"; }; }
 trap pack EXIT
 stages=" ${TORQ_VERIFY_STAGES:-tests sanitizers ops profile split session} "
+dry=${TORQ_VERIFY_DRY:-}
+[ -z "$dry" ] || stages=" session "  # its CPU rows only (bench_cuda_session --cpu-only)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -52,10 +58,18 @@ if [ -n "${TORQ_VERIFY_CARRY:-}" ]; then
             || { echo "unpacking $TORQ_VERIFY_CARRY failed"; exit 1; }
     fi
     export PYTHONPATH="$site_dir${PYTHONPATH:+:$PYTHONPATH}"
+    # the carried ORT headers, for the compiled custom-op library's build (no npm registry here)
+    if [ -z "${TORQ_ORT_INCLUDE:-}" ] && [ -d "$site_dir/torq-ort-include" ]; then export TORQ_ORT_INCLUDE="$site_dir/torq-ort-include"; fi
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
-python3 -c "from torq_onnx.runtime_ops import cuda; raise SystemExit(0 if cuda.available() else 'no CUDA GPU visible to CuPy: nothing to verify')" || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/device.txt"
+if [ -n "$dry" ]; then
+    echo "dry run: no GPU stage runs" | tee "$out/device.txt"
+    python3 -c "from torq_onnx.runtime_ops import compiled; print('compiled library (CPU build):', compiled.build_library())" 2>&1 \
+        | tee -a "$out/device.txt" || status=1
+else
+    python3 -c "from torq_onnx.runtime_ops import cuda; raise SystemExit(0 if cuda.available() else 'no CUDA GPU visible to CuPy: nothing to verify')" || exit 1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/device.txt"
+fi
 # onnxruntime-gpu loads CUDA's libraries by name: let it find those of the nvidia-* wheels
 site=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if [ -d "$site/nvidia" ]; then
@@ -117,10 +131,10 @@ fi
 pack
 model=${TORQ_VERIFY_MODEL:-}
 float_model=""
-if [ -z "$model" ] && [ -n "${TORQ_VERIFY_EXPORT:-}" ] && { stage split || stage session; }; then
+if [ -z "$model" ] && [ -n "${TORQ_VERIFY_EXPORT:-}" ] && { stage split || stage session || stage export; }; then
     torq-onnx export -o "$TORQ_VERIFY_EXPORT" --calib-samples 32 >"$out/export.log" 2>&1 && model="$TORQ_VERIFY_EXPORT/model.onnx" \
         || { tail -20 "$out/export.log"; status=1; }
-    if stage session; then  # quantization off: the float model's CUDA logits against its CPU ones too
+    if stage session || stage export; then  # quantization off: the float model's CUDA logits against its CPU ones too
         torq-onnx export -o "$TORQ_VERIFY_EXPORT-float" --method rtn --weights float --activations float --calib-samples 2 \
             >"$out/export_float.log" 2>&1 && float_model="$TORQ_VERIFY_EXPORT-float/model.onnx" \
             || { tail -20 "$out/export_float.log"; status=1; }
@@ -138,7 +152,7 @@ if [ -n "$model" ]; then
     if stage session; then
         for m in $model $float_model; do
             echo "== $m" | tee -a "$out/bench_cuda_session.txt"
-            python3 tools/bench_cuda_session.py "$m" --tokenizer-dir "$(dirname "$m")" --max-tokens 2048 2>&1 | tee -a "$out/bench_cuda_session.txt" || status=1
+            python3 tools/bench_cuda_session.py "$m" --tokenizer-dir "$(dirname "$m")" --max-tokens 2048 ${dry:+--cpu-only} 2>&1 | tee -a "$out/bench_cuda_session.txt" || status=1
         done
     fi
 fi

@@ -101,6 +101,10 @@ try:
 except TorqError as exc:
     open(sys.argv[3], "w").write(str(exc))
     sys.exit(3)
+except ImportError as exc:  # an inference-only environment: name the package, not a traceback
+    open(sys.argv[3], "w").write(f"converting the model needs a package that does not import here: {exc} "
+                                 "(the export's dependencies: optimum-onnx, transformers, torch, gguf)")
+    sys.exit(3)
 """
 
 
@@ -108,7 +112,7 @@ def run_isolated(fn, *args: str | int) -> None:
     """``fn(*args)`` (a function of this module, JSON-able arguments) in a fresh Python
     process: torch and the model copies that HF loading and the ONNX exporter make are
     released with the process, so they never add to the memory the passes hold. A
-    TorqError in the child is raised here with its message."""
+    TorqError in the child, or a package it cannot import, is raised here as a TorqError."""
     with tempfile.NamedTemporaryFile("r", suffix=".err") as err:
         res = subprocess.run([sys.executable, "-c", _CHILD, fn.__name__, json.dumps(args), err.name])
         if res.returncode == 3:
