@@ -15,7 +15,7 @@ For each: perplexity, KL divergence from and top-1 agreement with the cpu run, t
 and CuPy for the CUDA rows; the library rows build the library (g++, nvcc, ORT's headers) or
 say why they cannot.
 
-Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokenizer-dir OUT/tokenizer [--cpu-only]
+Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokenizer-dir OUT/tokenizer
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", help="tokenizer folder, to tokenize the packaged held-out text")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--tf32", choices=["0", "1"], help="the CUDA EP's use_tf32 option (default: ORT's)")
-    ap.add_argument("--cpu-only", action="store_true",
-                    help="only the CPU rows (onnxruntime-gpu lists its CUDA EP on a machine without a GPU too)")
     args = ap.parse_args()
     if args.ids:
         ids = np.load(args.ids)[: args.max_tokens]
@@ -64,14 +62,16 @@ def main() -> None:
     window = ids[:512]
     cpu = load_session(args.model)
     rows = [("cpu", cpu)]
-    on_cuda = not args.cpu_only and "CUDAExecutionProvider" in ort.get_available_providers()
+    # onnxruntime-gpu lists its CUDA EP on a machine without a GPU too: the rows also need one CuPy sees
+    has_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    on_cuda = has_ep and cuda.available()
     opts = {"use_tf32": args.tf32} if args.tf32 else {}
     if on_cuda:
         rows.append(("cuda-fn", load_session(args.model, providers=[("CUDAExecutionProvider", opts)])))
         for kernel in cuda.ROTATE_KERNELS:
             rows.append((f"cuda-{kernel}", SplitSession(args.model, kernel=cupy_kernel(kernel), device="cuda", cuda_options=opts)))
     else:
-        print("no CUDA rows: " + ("--cpu-only" if args.cpu_only else "onnxruntime-gpu is not installed"))
+        print("no CUDA rows: " + ("no CUDA GPU visible to CuPy" if has_ep else "onnxruntime-gpu is not installed"))
     rows += library_rows(args.model, on_cuda, opts)
     reference = Reference(cpu, cache=True)
     for w in sliding_windows(int(ids.size), 512, 256):  # the cpu logits, computed once, outside the timed runs
