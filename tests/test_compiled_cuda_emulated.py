@@ -22,7 +22,7 @@ from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops import functions as F
 
 from test_compiled_ops import op_model, run
-from test_cuda_emulated import CXX, DEVICE_MATH, KERNELS, SIMT, sanitizer_missing
+from test_cuda_emulated import KERNELS, SIMT, sanitizer_missing, simt_build
 from test_runtime_ops import same
 
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
@@ -37,12 +37,8 @@ def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Pat
     defines = compiled._launch_defines(kernel)
     if max_grid_y is not None:
         defines = [d for d in defines if not d.startswith("-DTORQ_MAX_GRID_Y=")] + [f"-DTORQ_MAX_GRID_Y={max_grid_y}"]
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-           *SANITIZE, *DEVICE_MATH, "-DTORQ_ORTOPS_CUDA", *defines, "-include", str(SIMT / "simt_host.h"), f"-I{SIMT / 'cuda_shim'}",
-           f"-I{source_dir}", f"-I{KERNELS}", "-o", str(exe), str(SIMT / "library_harness.cpp")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    return exe
+    return simt_build(exe, "library_harness.cpp", *SANITIZE, "-DTORQ_ORTOPS_CUDA", *defines, f"-I{SIMT / 'cuda_shim'}",
+                      f"-I{source_dir}", f"-I{KERNELS}", opt="-O1")
 
 
 @pytest.fixture(scope="module", params=sorted(cuda.ROTATE_KERNELS))

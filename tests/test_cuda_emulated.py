@@ -32,15 +32,21 @@ TSAN = ["-fsanitize=thread", "-g"]
 DEVICE_MATH = ["-DTORQ_DEVICE_MATH"]  # mxfp4_math.cuh's device form, as the GPU compiles it
 
 
-def build_harness(exe: Path, *flags: str, kernel_dir: Path = KERNELS) -> Path:
-    """kernel_harness.cpp with mxfp4_quant.cu taken from kernel_dir (a mutated copy in the
-    race-checker tests) and mxfp4_math.cuh from runtime_ops/, in its device form."""
-    cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-           *DEVICE_MATH, *flags, "-include", str(SIMT / "simt_host.h"), f"-I{kernel_dir}", f"-I{KERNELS}",
-           "-o", str(exe), str(SIMT / "kernel_harness.cpp")]
+def simt_build(exe: Path, harness: str, *flags: str, opt: str = "-O2") -> Path:
+    """tests/simt/``harness`` built by g++ against the thread emulator (simt_host.h), with
+    mxfp4_math.cuh's device form and every warning an error; ``flags`` add sanitizers,
+    defines and include folders (searched in their order)."""
+    cmd = [CXX, "-std=c++20", opt, "-pthread", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+           *DEVICE_MATH, *flags, "-include", str(SIMT / "simt_host.h"), "-o", str(exe), str(SIMT / harness)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     return exe
+
+
+def build_harness(exe: Path, *flags: str, kernel_dir: Path = KERNELS) -> Path:
+    """kernel_harness.cpp with mxfp4_quant.cu taken from kernel_dir (a mutated copy in the
+    race-checker tests) and mxfp4_math.cuh from runtime_ops/, in its device form."""
+    return simt_build(exe, "kernel_harness.cpp", *flags, f"-I{kernel_dir}", f"-I{KERNELS}")
 
 
 def sanitizer_missing(flags: list[str]) -> str | None:
