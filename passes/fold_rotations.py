@@ -16,7 +16,8 @@ class FoldRotations(InPlacePass):
 
     Requires: sites with rotations (SolveRotations). Ensures: ``MatMul(Q x, W') ==
     MatMul(x, W)`` up to float rounding, for every consumer; a weight initializer shared
-    by several consumers is copied first so that each gets its own fold. Activations are
+    by several consumers is copied first so that each gets its own fold; the weights of a
+    site whose rotation is the identity stay as they are (and stay shared). Activations are
     not yet rotated: InsertRotateQuantize must follow, or the model is wrong.
     """
 
@@ -33,6 +34,8 @@ class FoldRotations(InPlacePass):
         nodes = node_by_name(graph)
         for site in self.ctx.sites:
             rot = site.rotation
+            if rot.is_identity():
+                continue
             for cons in site.consumers:
                 node = nodes[cons.node_name]
                 w_val = node.inputs[1]

@@ -35,6 +35,26 @@ def test_rotation_and_folding_preserve_the_function(method):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+def test_a_float_export_runs_the_source_graph():
+    """rtn with float weights and activations: no online node, no weight rewritten, and the
+    outputs bit-identical to the source's; with MXFP4 activations every site keeps its op."""
+    base = tiny_transformer()
+    model = ir.serde.deserialize_model(base)
+    rewrite(model, batches(), opts(method="rtn", weights="float", quantize_activations=False))
+    proto = ir.serde.serialize_model(model)
+    assert [n.op_type for n in proto.graph.node] == [n.op_type for n in base.graph.node]
+    source_weights = {t.name: numpy_helper.to_array(t) for t in base.graph.initializer}
+    for t in proto.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), source_weights[t.name])
+    feeds = batches(1, 24, seed=9)[0]
+    np.testing.assert_array_equal(run(model, feeds), run(base, feeds))
+
+    model = ir.serde.deserialize_model(base)
+    ctx = rewrite(model, batches(), opts(method="rtn", weights="float"))
+    ops = [n.op_type for n in ir.serde.serialize_model(model).graph.node]
+    assert ops.count("TorqRotateQuantize") == len(ctx.sites) and "TorqRotate" not in ops
+
+
 def test_sites_group_shared_activations_and_skip_lm_head():
     ctx = rewrite(ir.serde.deserialize_model(tiny_transformer()), batches(), opts(method="rtn", weights="float"))
     groups = {s.activation: sorted(c.weight_name for c in s.consumers) for s in ctx.sites}

@@ -5,8 +5,8 @@ held-out text (strided 512-token windows, as ``torq-onnx eval``) and, for models
 with a KV cache, greedy decode tokens/s after a 512-token prefill (1 / the median of 64
 steps), each with its ratio to the first model (the float one). Forward passes and decode
 steps are timed round-robin across the models, so a machine whose speed drifts (a shared
-VM) slows every model alike. With ``--custom-ops`` every quantized model also gets a row
-run with the compiled custom-op library (``NAME +lib``) beside its function-body row. Run:
+VM) slows every model alike. With ``--custom-ops`` every model with torq ops also gets a
+row run with the compiled custom-op library (``NAME +lib``) beside its function-body row. Run:
   python tools/bench_cpu_speed.py FLOAT.onnx QUANT.onnx [MORE.onnx ...] --tokenizer-dir DIR [--max-tokens 8192] [--custom-ops]
 """
 
@@ -23,7 +23,7 @@ from torq_onnx import calibration as calib
 from torq_onnx import models
 from torq_onnx.evaluate import evaluation_ids, logits_output, perplexity
 from torq_onnx.generate import CachedDecoder
-from torq_onnx.runtime_ops import load_session
+from torq_onnx.runtime_ops import DOMAIN, load_session
 
 
 def round_robin(steps: list, rounds: int) -> list[float]:
@@ -62,6 +62,12 @@ def forward_pass(session, ids: np.ndarray):
     return lambda: session.run([out], feeds)
 
 
+def has_torq_ops(path: str) -> bool:
+    import onnx
+
+    return any(n.domain == DOMAIN for n in onnx.load(path, load_external_data=False).graph.node)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="+", help="the float model first")
@@ -71,8 +77,8 @@ def main() -> None:
     args = ap.parse_args()
     ids = evaluation_ids(models.load_tokenizer(Path(args.tokenizer_dir)), None, args.max_tokens)
     rows = [(str(Path(path).parent.name or path), path, False) for path in args.models]
-    if args.custom_ops:  # the float model has no torq ops: no library row for it
-        rows = [rows[0]] + [r for name, path, _ in rows[1:] for r in ((name, path, False), (f"{name} +lib", path, True))]
+    if args.custom_ops:  # a float model (plain, or a float export) has no torq op: no library row for it
+        rows = [r for name, path, _ in rows for r in ((name, path, False), (f"{name} +lib", path, True))[: 1 + has_torq_ops(path)]]
     sessions = [load_session(path, custom_ops=lib) for _, path, lib in rows]
     pass_ms = [1e3 * t for t in round_robin([forward_pass(s, ids[:512]) for s in sessions], rounds=7)]
     steps = [decode_step(s, ids[:512]) for s in sessions]

@@ -462,6 +462,10 @@ class Rotation:
         """Second moment of ``Q x`` from that of ``x`` [D, D]: GPTQ's Hessian in the new basis."""
         return transform_moment(h, self.r_inter, self.r_intra)
 
+    def is_identity(self) -> bool:
+        """Whether ``Q = I`` exactly (rtn): nothing to fold and, at a float-activation site, nothing to run."""
+        return all(np.array_equal(r, np.broadcast_to(np.eye(r.shape[-1]), r.shape)) for r in (self.r_inter, self.r_intra))
+
 
 def identity_rotation(d: int) -> Rotation:
     return Rotation(np.eye(n_blocks(d)), np.eye(BLOCK_SIZE))
