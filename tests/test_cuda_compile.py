@@ -71,12 +71,11 @@ def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
     res = subprocess.run([sys.executable, str(TOOLS / "sass_cost.py")], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
-    rows_per_pass = {"thread": 32, "warp": 4}  # (row, block)s the counted code serves per warp
     rows = {m[0]: m[1:] for m in re.findall(r"^\s*(thread|warp)\s+\d+\s+\d+\s+\d+\s+(\d+)\s+(\d+)\s+([\d.]+)", res.stdout, re.M)}
     assert set(rows) == {"thread", "warp"}, res.stdout
     for kernel, (counted, ffma, per_row) in rows.items():
-        assert float(per_row) == pytest.approx(int(counted) / rows_per_pass[kernel], abs=0.05)  # printed to 0.1
-        assert int(ffma) / rows_per_pass[kernel] == 32, (kernel, res.stdout)
+        assert float(per_row) == pytest.approx(int(counted) / sass_cost.ROWS_PER_WARP[kernel], abs=0.05)  # printed to 0.1
+        assert int(ffma) / sass_cost.ROWS_PER_WARP[kernel] == 32, (kernel, res.stdout)
     assert float(rows["warp"][2]) < 100, res.stdout
 
 

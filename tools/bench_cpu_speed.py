@@ -78,7 +78,7 @@ def main() -> None:
     ids = evaluation_ids(models.load_tokenizer(Path(args.tokenizer_dir)), None, args.max_tokens)
     rows = [(str(Path(path).parent.name or path), path, False) for path in args.models]
     if args.custom_ops:  # a float model (plain, or a float export) has no torq op: no library row for it
-        rows = [r for name, path, _ in rows for r in ((name, path, False), (f"{name} +lib", path, True))[: 1 + has_torq_ops(path)]]
+        rows = [r for name, path, _ in rows for r in ((name, path, False), (f"{name} +lib", path, True)) if not r[2] or has_torq_ops(path)]
     sessions = [load_session(path, custom_ops=lib) for _, path, lib in rows]
     pass_ms = [1e3 * t for t in round_robin([forward_pass(s, ids[:512]) for s in sessions], rounds=7)]
     steps = [decode_step(s, ids[:512]) for s in sessions]
