@@ -156,5 +156,4 @@ if [ -n "$model" ]; then
         done
     fi
 fi
-pack
-exit $status
+exit $status  # the EXIT trap packs the logs
