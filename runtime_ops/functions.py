@@ -17,6 +17,9 @@ from torq_onnx.runtime_ops.op_bodies import DOMAIN, DOMAIN_VERSION
 ROTATE_QUANTIZE = "TorqRotateQuantize"
 DEQUANTIZE_WEIGHT = "TorqDequantizeMXFP4"
 ROTATE = "TorqRotate"
+# the ops that run on every call (the site ops; the compiled library implements these), as
+# against DEQUANTIZE_WEIGHT, whose outputs ORT constant-folds at session creation
+ONLINE_OPS = (ROTATE_QUANTIZE, ROTATE)
 # IR version of the small models built here (op tests, split-runner kernels, benchmarks):
 # the newest that every supported onnxruntime (>= 1.20) loads; onnx's default may be newer.
 IR_VERSION = 10

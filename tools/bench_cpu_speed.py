@@ -5,8 +5,9 @@ held-out text (strided 512-token windows, as ``torq-onnx eval``) and, for models
 with a KV cache, greedy decode tokens/s after a 512-token prefill (1 / the median of 64
 steps), each with its ratio to the first model (the float one). Forward passes and decode
 steps are timed round-robin across the models, so a machine whose speed drifts (a shared
-VM) slows every model alike. With ``--custom-ops`` every model with torq ops also gets a
-row run with the compiled custom-op library (``NAME +lib``) beside its function-body row. Run:
+VM) slows every model alike. With ``--custom-ops`` every model with online torq ops (those
+the library compiles) also gets a row run with the compiled custom-op library (``NAME +lib``)
+beside its function-body row. Run:
   python tools/bench_cpu_speed.py FLOAT.onnx QUANT.onnx [MORE.onnx ...] --tokenizer-dir DIR [--max-tokens 8192] [--custom-ops]
 """
 
@@ -24,6 +25,7 @@ from torq_onnx import models
 from torq_onnx.evaluate import evaluation_ids, logits_output, perplexity
 from torq_onnx.generate import CachedDecoder
 from torq_onnx.runtime_ops import DOMAIN, load_session
+from torq_onnx.runtime_ops.functions import ONLINE_OPS
 
 
 def round_robin(steps: list, rounds: int) -> list[float]:
@@ -62,10 +64,12 @@ def forward_pass(session, ids: np.ndarray):
     return lambda: session.run([out], feeds)
 
 
-def has_torq_ops(path: str) -> bool:
+def has_online_ops(path: str) -> bool:
+    """Whether the model runs a torq op the compiled library implements (packed weights alone,
+    whose dequantization ORT folds, do not make a +lib row differ)."""
     import onnx
 
-    return any(n.domain == DOMAIN for n in onnx.load(path, load_external_data=False).graph.node)
+    return any(n.domain == DOMAIN and n.op_type in ONLINE_OPS for n in onnx.load(path, load_external_data=False).graph.node)
 
 
 def main() -> None:
@@ -77,8 +81,8 @@ def main() -> None:
     args = ap.parse_args()
     ids = evaluation_ids(models.load_tokenizer(Path(args.tokenizer_dir)), None, args.max_tokens)
     rows = [(str(Path(path).parent.name or path), path, False) for path in args.models]
-    if args.custom_ops:  # a float model (plain, or a float export) has no torq op: no library row for it
-        rows = [r for name, path, _ in rows for r in ((name, path, False), (f"{name} +lib", path, True)) if not r[2] or has_torq_ops(path)]
+    if args.custom_ops:  # a float model (plain, or a float export) has no online op: no library row for it
+        rows = [r for name, path, _ in rows for r in ((name, path, False), (f"{name} +lib", path, True)) if not r[2] or has_online_ops(path)]
     sessions = [load_session(path, custom_ops=lib) for _, path, lib in rows]
     pass_ms = [1e3 * t for t in round_robin([forward_pass(s, ids[:512]) for s in sessions], rounds=7)]
     steps = [decode_step(s, ids[:512]) for s in sessions]

@@ -167,8 +167,8 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
     """Summarize the torq ops and rotations in an exported model."""
     import onnx
 
-    from torq_onnx.runtime_ops import DOMAIN, ROTATE_QUANTIZE
-    from torq_onnx.runtime_ops.functions import ROTATE
+    from torq_onnx.runtime_ops import DOMAIN
+    from torq_onnx.runtime_ops.functions import ONLINE_OPS
 
     try:
         if not model_onnx.is_file():
@@ -192,7 +192,7 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
     for k, v in sorted(counts.items()):
         table.add_row(f"ops {DOMAIN}::{k}", str(v))
     inits = {i.name: i for i in m.graph.initializer}
-    sites = [n for n in m.graph.node if n.domain == DOMAIN and n.op_type in (ROTATE_QUANTIZE, ROTATE)]
+    sites = [n for n in m.graph.node if n.domain == DOMAIN and n.op_type in ONLINE_OPS]
     r_inters = [inits[n.input[1]] for n in sites if n.input[1] in inits]
     sizes = sorted({"x".join(map(str, r.dims)) + (" (identity)" if _is_one(r) else "") for r in r_inters})
     table.add_row("R_inter shapes", ", ".join(sizes) or "-")
