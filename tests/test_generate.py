@@ -82,6 +82,86 @@ def test_w4a4_generation_runs_with_finite_logits(w4a4_export):
     assert "decode: 8 tokens" in res.output
 
 
+def teacher_forced(decoder: CachedDecoder, tokens: list[int], prompt: int = 4) -> tuple[list[np.ndarray], list]:
+    """The decoder's last-position logits after ``tokens[:prompt]`` and then after each further
+    token fed one at a time (the same tokens whatever it predicts), and its final cache."""
+    logits, cache = decoder.step(np.array(tokens[:prompt]), 0, decoder.empty_cache())
+    out = [logits]
+    for pos in range(prompt, len(tokens)):
+        logits, cache = decoder.step(np.array(tokens[pos : pos + 1]), pos, cache)
+        out.append(logits)
+    return out, cache
+
+
+def test_the_bound_cache_gives_the_fed_caches_bits(w4a4_export):
+    """The IOBinding route (the one a CUDA session takes, the cache kept as ORT values on the
+    session's device) run on the CPU: the same logits and cache, bit for bit, as numpy feeds."""
+    session = load_session(w4a4_export / "model.onnx")
+    tokens = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]
+    fed, bound = CachedDecoder(session), CachedDecoder(session, bind_cache=True)
+    assert fed.cache_device is None and bound.cache_device == ("cpu", 0)
+    (fed_logits, fed_cache), (bound_logits, bound_cache) = teacher_forced(fed, tokens), teacher_forced(bound, tokens)
+    assert all(np.array_equal(a, b) for a, b in zip(fed_logits, bound_logits))
+    assert all(isinstance(c, np.ndarray) for c in fed_cache)
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(fed_cache, bound_cache))
+    assert bound_cache[0].shape()[2] == len(tokens)
+
+
+def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
+    """A SplitSession (no IOBinding of its own to offer: fed numpy caches) in the decoder:
+    the whole graph's logits at every step, on the numpy and on the OrtValue route."""
+    from torq_onnx.runtime_ops import SplitSession
+
+    path = w4a4_export / "model.onnx"
+    tokens = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]
+    whole, _ = teacher_forced(CachedDecoder(load_session(path)), tokens)
+    for io_binding in (False, True):
+        decoder = CachedDecoder(SplitSession(path, io_binding=io_binding))
+        assert decoder.cache_device is None
+        split, _ = teacher_forced(decoder, tokens)
+        assert all(np.array_equal(a, b) for a, b in zip(whole, split)), io_binding
+
+
+def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
+    for args in (["eval", str(float_export), "--max-tokens", "40", "--seq-len", "32", "--stride", "16", "--quiet"],
+                 ["generate", str(float_export), PROMPT, "--max-new-tokens", "2"]):
+        res = CliRunner().invoke(app, [*args, "--device", "cuda"])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert "did not enable CUDAExecutionProvider" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.gpu
+def test_cuda_generation_keeps_the_cache_on_the_gpu(float_export):
+    """On a GPU: the CUDA session's decoder keeps its cache in GPU memory and gives the CPU's
+    logits within TF32/float32 rounding (float export, same tokens fed); eval and generate
+    run with --device cuda."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    tokens = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]
+    gpu = CachedDecoder(load_session(float_export / "model.onnx", providers=["CUDAExecutionProvider"]))
+    assert gpu.cache_device == ("cuda", 0)
+    gpu_logits, gpu_cache = teacher_forced(gpu, tokens)
+    assert all(c.device_name().lower() == "cuda" for c in gpu_cache)
+    cpu_logits, _ = teacher_forced(CachedDecoder(load_session(float_export / "model.onnx")), tokens)
+    for g, c in zip(gpu_logits, cpu_logits):
+        np.testing.assert_allclose(g, c, rtol=0.02, atol=0.02 * np.abs(c).max())
+    scores = []
+    for device in ("cpu", "cuda"):
+        res = CliRunner().invoke(app, ["eval", str(float_export), "--max-tokens", "96", "--seq-len", "32", "--stride", "16",
+                                       "--quiet", "--device", device])
+        assert res.exit_code == 0, res.output
+        scores.append(float(res.output.split("perplexity")[1].split()[0]))
+    assert abs(scores[0] - scores[1]) < 0.01 * scores[0]
+    res = CliRunner().invoke(app, ["generate", str(float_export), PROMPT, "--max-new-tokens", "8", "--device", "cuda"])
+    assert res.exit_code == 0 and "decode: 8 tokens" in res.output, res.output
+
+
 def test_sampling_is_seeded_and_top_p_keeps_the_head():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     opts = SamplingOptions(temperature=1.0, top_p=0.7)

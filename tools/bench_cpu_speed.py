@@ -23,7 +23,7 @@ import onnxruntime as ort
 from torq_onnx import calibration as calib
 from torq_onnx import models
 from torq_onnx.evaluate import evaluation_ids, logits_output, perplexity
-from torq_onnx.generate import CachedDecoder
+from torq_onnx.generate import greedy_decode_step
 from torq_onnx.runtime_ops import DOMAIN, load_session
 from torq_onnx.runtime_ops.functions import ONLINE_OPS
 
@@ -40,22 +40,6 @@ def round_robin(steps: list, rounds: int) -> list[float]:
             step()
             t.append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
-
-
-def decode_step(session, prompt: np.ndarray):
-    """A callable taking one greedy step with the KV cache after a prefill of ``prompt``
-    (None without a cache)."""
-    if not any(calib.is_past_input(s[0]) for s in calib.input_specs(session)):
-        return None
-    decoder = CachedDecoder(session)
-    state = list(decoder.step(prompt, 0, decoder.empty_cache()))
-    position = [prompt.size]
-
-    def step() -> None:
-        state[:] = decoder.step(np.array([int(np.argmax(state[0]))]), position[0], state[1])
-        position[0] += 1
-
-    return step
 
 
 def forward_pass(session, ids: np.ndarray):
@@ -85,7 +69,7 @@ def main() -> None:
         rows = [r for name, path, _ in rows for r in ((name, path, False), (f"{name} +lib", path, True)) if not r[2] or has_online_ops(path)]
     sessions = [load_session(path, custom_ops=lib) for _, path, lib in rows]
     pass_ms = [1e3 * t for t in round_robin([forward_pass(s, ids[:512]) for s in sessions], rounds=7)]
-    steps = [decode_step(s, ids[:512]) for s in sessions]
+    steps = [greedy_decode_step(s, ids[:512]) for s in sessions]
     step_s = iter(round_robin([st for st in steps if st], rounds=64))
     tps = [1 / next(step_s) if st else float("nan") for st in steps]
     print(f"{'model':<32} {'ms / 512-token pass':>19} {'x float':>7} {'eval s':>7} {'x float':>7} {'decode tok/s':>12} {'x float':>7} {'PPL':>8}")

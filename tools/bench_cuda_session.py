@@ -11,7 +11,11 @@ The ways to run one model.onnx on held-out token ids (strided 512-token windows)
             ORT CUDA EP, whole graph, the op as the library's CUDA kernel (either fused
             kernel) on ORT's stream: one ORT run per pass
 For each: perplexity, KL divergence from and top-1 agreement with the cpu run, time per
-512-token forward pass (median of 10) and the tokens/s it gives. Needs onnxruntime-gpu
+512-token forward pass (median of 10) and the tokens/s it gives, and for a model with a KV
+cache greedy decode tokens/s after a 512-token prefill (median of 32 steps): "decode" as
+``torq-onnx generate`` runs it (on the CUDA EP the cache stays in GPU memory, bound with
+IOBinding), "fed" with the cache passed as numpy arrays (through host memory each step, the
+baseline; only whole-graph CUDA rows differ). Needs onnxruntime-gpu
 and CuPy for the CUDA rows; the library rows build the library (g++, nvcc, ORT's headers) or
 say why they cannot.
 
@@ -21,6 +25,7 @@ Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokeniz
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,7 @@ import onnxruntime as ort
 
 from torq_onnx.errors import TorqError
 from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, perplexity, sliding_windows
+from torq_onnx.generate import cache_device, greedy_decode_step
 from torq_onnx.runtime_ops import compiled, cuda, load_session
 from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
 
@@ -43,6 +49,22 @@ def library_rows(model: str, on_cuda: bool, cuda_options: dict) -> list:
     except TorqError as exc:
         print(f"compiled library rows left out: {exc}")
     return rows
+
+
+def decode_tokens_per_second(session, prompt: np.ndarray, bind_cache: bool | None = None, steps: int = 32) -> float | None:
+    """Greedy decode tokens/s with the KV cache after a prefill of ``prompt`` (median step);
+    None for a model without a cache."""
+    step = greedy_decode_step(session, prompt, bind_cache)
+    if step is None:
+        return None
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return 1.0 / float(np.median(times))
 
 
 def main() -> None:
@@ -76,12 +98,19 @@ def main() -> None:
     reference = Reference(cpu, cache=True)
     for w in sliding_windows(int(ids.size), 512, 256):  # the cpu logits, computed once, outside the timed runs
         reference.scored_logprobs(w, ids[w.begin : w.end])
-    print(f"{'run':>15} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9}")
+    print(f"{'run':>15} {'PPL':>8} {'KL vs cpu':>10} {'top-1 vs cpu':>12} {'ms / 512-token pass':>20} {'tokens/s':>9} "
+          f"{'decode tok/s':>12} {'fed tok/s':>9}")
+    na = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
     for name, session in rows:
         ms = forward_ms(session, window, repeat=10)
         res = perplexity(session, ids, reference=reference)
         tps = window.size / ms * 1e3
-        print(f"{name:>15} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f}")
+        decode = decode_tokens_per_second(session, window)
+        fed = decode  # the same path, unless the session keeps its cache on a GPU
+        if decode is not None and hasattr(session, "run_with_iobinding") and cache_device(session)[0] != "cpu":
+            fed = decode_tokens_per_second(session, window, bind_cache=False)
+        print(f"{name:>15} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f} "
+              f"{na(decode):>12} {na(fed):>9}")
     print(f"{ids.size} tokens; use_tf32={args.tf32 or 'default'}; onnxruntime {ort.__version__}; providers {ort.get_available_providers()}")
 
 

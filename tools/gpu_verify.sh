@@ -13,7 +13,9 @@
 #               read the counters (a gVisor machine) it says so and the run goes on
 #   split       tools/bench_split.py --device cuda on the model (split runner vs whole graph)
 #   session     tools/bench_cuda_session.py on the model (CPU, CUDA EP function body, split
-#               runner, compiled library on CPU and on the CUDA EP: PPL, KL and top-1 vs CPU)
+#               runner, compiled library on CPU and on the CUDA EP: PPL, KL and top-1 vs CPU,
+#               decode tokens/s), then torq-onnx generate --device cuda on it (with and
+#               without --custom-ops)
 #   export      only the exports below (the split and session stages make them when they need them)
 # split and session need a model: TORQ_VERIFY_MODEL=OUT/model.onnx (an export), or
 # TORQ_VERIFY_EXPORT=DIR to export the default model there first, and for the session stage
@@ -154,6 +156,15 @@ if [ -n "$model" ]; then
             echo "== $m" | tee -a "$out/bench_cuda_session.txt"
             python3 tools/bench_cuda_session.py "$m" --tokenizer-dir "$(dirname "$m")" --max-tokens 2048 2>&1 | tee -a "$out/bench_cuda_session.txt" || status=1
         done
+        if [ -z "$dry" ] && has_cuda_ep; then
+            # the user's command on the GPU: generation with the cache in GPU memory, function bodies and library
+            for ops in "" --custom-ops; do
+                # shellcheck disable=SC2086  # $ops: no argument or one
+                torq-onnx generate "$(dirname "$model")" "The capital of France is" --max-new-tokens 32 --device cuda $ops \
+                    >>"$out/generate_cuda.txt" 2>&1 || status=1
+            done
+            cat "$out/generate_cuda.txt"
+        fi
     fi
 fi
 exit $status  # the EXIT trap packs the logs

@@ -58,9 +58,18 @@ class GenerationResult:
 
 
 class CachedDecoder:
-    """An ORT session of a decoder exported with a KV cache, one pass at a time."""
+    """An ORT session of a decoder exported with a KV cache, one pass at a time.
 
-    def __init__(self, session) -> None:
+    The cache stays where the session computes it: each pass binds the ``present.*`` outputs
+    to the device of the session's first provider (ORT IOBinding) and the next pass binds
+    those same values as its ``past_key_values.*``, so a CUDA session never copies the cache
+    through host memory; only the logits are read on the host. A CPU session is fed numpy
+    arrays (the cache is in host memory either way) unless ``bind_cache=True``, which runs the
+    binding code on the CPU, as the tests do; a session-like object without IOBinding
+    (e.g. :class:`~torq_onnx.runtime_ops.SplitSession`) is always fed numpy arrays.
+    """
+
+    def __init__(self, session, bind_cache: bool | None = None) -> None:
         self.session = session
         specs = calib.input_specs(session)
         self.past = [s for s in specs if s[0].startswith(PAST_PREFIX)]
@@ -74,21 +83,67 @@ class CachedDecoder:
         missing = [p for p in self.present if p not in outputs]
         if missing:
             raise TorqError(f"the model takes a KV cache but has no outputs {', '.join(missing[:3])} to continue it")
+        self.cache_device = None  # where bound outputs live; None: feed and fetch numpy
+        if hasattr(session, "run_with_iobinding"):
+            device = cache_device(session)
+            if bind_cache or (bind_cache is None and device[0] != "cpu"):
+                self.cache_device = device
 
     def empty_cache(self) -> list[np.ndarray]:
         return list(calib.feeds_for_inputs(self.past, np.zeros(0, np.int64)).values())
 
-    def step(self, ids: np.ndarray, start: int, cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Logits of the last position and the grown cache, for ``ids`` placed at ``start``."""
+    def step(self, ids: np.ndarray, start: int, cache: list) -> tuple[np.ndarray, list]:
+        """Logits of the last position and the grown cache, for ``ids`` placed at ``start``;
+        ``cache``: :meth:`empty_cache` or the cache the previous step returned."""
         t = ids.size
         feeds = {"input_ids": ids.reshape(1, t).astype(np.int64)}
         if "attention_mask" in self.inputs:
             feeds["attention_mask"] = np.ones((1, start + t), np.int64)
         if "position_ids" in self.inputs:
             feeds["position_ids"] = np.arange(start, start + t, dtype=np.int64).reshape(1, t)
-        feeds.update({s[0]: c for s, c in zip(self.past, cache)})
-        logits, *present = self.session.run([self.logits, *self.present], feeds)
+        past = dict(zip((s[0] for s in self.past), cache))
+        if self.cache_device is None:
+            logits, *present = self.session.run([self.logits, *self.present], {**feeds, **past})
+        else:
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name, value in past.items():  # the empty cache is numpy, every later one OrtValues
+                if isinstance(value, np.ndarray):
+                    binding.bind_cpu_input(name, value)
+                else:
+                    binding.bind_ortvalue_input(name, value)
+            binding.bind_output(self.logits, "cpu")
+            for name in self.present:
+                binding.bind_output(name, *self.cache_device)
+            self.session.run_with_iobinding(binding)
+            logits, *present = binding.get_outputs()
+            logits = logits.numpy()
         return np.asarray(logits)[0, -1].astype(np.float64), present
+
+
+def cache_device(session) -> tuple[str, int]:
+    """(ORT device type, id) where ``session``'s first provider keeps its tensors: the CUDA
+    EP's GPU (its ``device_id`` option), else host memory."""
+    if session.get_providers()[0] == "CUDAExecutionProvider":
+        return "cuda", int(session.get_provider_options()["CUDAExecutionProvider"].get("device_id", 0))
+    return "cpu", 0
+
+
+def greedy_decode_step(session, prompt: np.ndarray, bind_cache: bool | None = None) -> Callable[[], None] | None:
+    """For benchmarks: a callable taking one greedy step with the KV cache, after a prefill of
+    ``prompt`` (None for a model without a cache); ``bind_cache`` as for :class:`CachedDecoder`."""
+    if not any(calib.is_past_input(s[0]) for s in calib.input_specs(session)):
+        return None
+    decoder = CachedDecoder(session, bind_cache)
+    state = list(decoder.step(prompt, 0, decoder.empty_cache()))
+    position = [prompt.size]
+
+    def step() -> None:
+        state[:] = decoder.step(np.array([int(np.argmax(state[0]))]), position[0], state[1])
+        position[0] += 1
+
+    return step
 
 
 def choose_token(logits: np.ndarray, opts: SamplingOptions, rng: np.random.Generator) -> int:
