@@ -82,6 +82,9 @@ def test_w4a4_generation_runs_with_finite_logits(w4a4_export):
     assert "decode: 8 tokens" in res.output
 
 
+FORCED = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]  # token ids fed one by one after the first four
+
+
 def teacher_forced(decoder: CachedDecoder, tokens: list[int], prompt: int = 4) -> tuple[list[np.ndarray], list]:
     """The decoder's last-position logits after ``tokens[:prompt]`` and then after each further
     token fed one at a time (the same tokens whatever it predicts), and its final cache."""
@@ -97,14 +100,13 @@ def test_the_bound_cache_gives_the_fed_caches_bits(w4a4_export):
     """The IOBinding route (the one a CUDA session takes, the cache kept as ORT values on the
     session's device) run on the CPU: the same logits and cache, bit for bit, as numpy feeds."""
     session = load_session(w4a4_export / "model.onnx")
-    tokens = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]
     fed, bound = CachedDecoder(session), CachedDecoder(session, bind_cache=True)
     assert fed.cache_device is None and bound.cache_device == ("cpu", 0)
-    (fed_logits, fed_cache), (bound_logits, bound_cache) = teacher_forced(fed, tokens), teacher_forced(bound, tokens)
+    (fed_logits, fed_cache), (bound_logits, bound_cache) = teacher_forced(fed, FORCED), teacher_forced(bound, FORCED)
     assert all(np.array_equal(a, b) for a, b in zip(fed_logits, bound_logits))
     assert all(isinstance(c, np.ndarray) for c in fed_cache)
     assert all(np.array_equal(a, b.numpy()) for a, b in zip(fed_cache, bound_cache))
-    assert bound_cache[0].shape()[2] == len(tokens)
+    assert bound_cache[0].shape()[2] == len(FORCED)
 
 
 def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
@@ -113,12 +115,11 @@ def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
     from torq_onnx.runtime_ops import SplitSession
 
     path = w4a4_export / "model.onnx"
-    tokens = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]
-    whole, _ = teacher_forced(CachedDecoder(load_session(path)), tokens)
+    whole, _ = teacher_forced(CachedDecoder(load_session(path)), FORCED)
     for io_binding in (False, True):
         decoder = CachedDecoder(SplitSession(path, io_binding=io_binding))
         assert decoder.cache_device is None
-        split, _ = teacher_forced(decoder, tokens)
+        split, _ = teacher_forced(decoder, FORCED)
         assert all(np.array_equal(a, b) for a, b in zip(whole, split)), io_binding
 
 
@@ -143,12 +144,11 @@ def test_cuda_generation_keeps_the_cache_on_the_gpu(float_export):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu")
-    tokens = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]
     gpu = CachedDecoder(load_session(float_export / "model.onnx", providers=["CUDAExecutionProvider"]))
     assert gpu.cache_device == ("cuda", 0)
-    gpu_logits, gpu_cache = teacher_forced(gpu, tokens)
+    gpu_logits, gpu_cache = teacher_forced(gpu, FORCED)
     assert all(c.device_name().lower() == "cuda" for c in gpu_cache)
-    cpu_logits, _ = teacher_forced(CachedDecoder(load_session(float_export / "model.onnx")), tokens)
+    cpu_logits, _ = teacher_forced(CachedDecoder(load_session(float_export / "model.onnx")), FORCED)
     for g, c in zip(gpu_logits, cpu_logits):
         np.testing.assert_allclose(g, c, rtol=0.02, atol=0.02 * np.abs(c).max())
     scores = []
