@@ -1,8 +1,22 @@
-"""The check that an ORT session runs on the execution providers it was asked for."""
+"""Execution providers: a ``--device`` name turned into an ORT providers list, and the check
+that an ORT session runs on the providers it was asked for."""
 
 from __future__ import annotations
 
+import re
+
 from torq_onnx.errors import TorqError
+
+
+def device_providers(device: str) -> list:
+    """The ORT ``providers`` for a device name: ``cpu``, ``cuda`` (the CUDA EP on GPU 0) or
+    ``cuda:N`` (on GPU N)."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if m is None:
+        raise TorqError(f"--device must be cpu, cuda or cuda:N (a GPU's index), got {device!r}")
+    return ["CUDAExecutionProvider"] if m.group(1) is None else [("CUDAExecutionProvider", {"device_id": m.group(1)})]
 
 
 def provider_names(providers: list) -> list[str]:

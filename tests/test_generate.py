@@ -130,16 +130,28 @@ def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
         pytest.skip("this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
     for args in (["eval", str(float_export), "--max-tokens", "40", "--seq-len", "32", "--stride", "16", "--quiet"],
                  ["generate", str(float_export), PROMPT, "--max-new-tokens", "2"]):
-        res = CliRunner().invoke(app, [*args, "--device", "cuda"])
-        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-        assert "did not enable CUDAExecutionProvider" in " ".join(res.output.split()), res.output
+        for device in ("cuda", "cuda:1"):
+            res = CliRunner().invoke(app, [*args, "--device", device])
+            assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+            assert "did not enable CUDAExecutionProvider" in " ".join(res.output.split()), res.output
+
+
+def test_device_names_map_to_providers(float_export):
+    from torq_onnx.runtime_ops.providers import device_providers
+
+    assert device_providers("cpu") == ["CPUExecutionProvider"]
+    assert device_providers("cuda") == ["CUDAExecutionProvider"]
+    assert device_providers("cuda:3") == [("CUDAExecutionProvider", {"device_id": "3"})]
+    for bad in ("gpu", "cuda:", "cuda:x", "CUDA"):
+        res = CliRunner().invoke(app, ["generate", str(float_export), PROMPT, "--device", bad])
+        assert res.exit_code == 2 and "--device must be cpu, cuda or cuda:N" in " ".join(res.output.split()), res.output
 
 
 @pytest.mark.gpu
 def test_cuda_generation_keeps_the_cache_on_the_gpu(float_export):
     """On a GPU: the CUDA session's decoder keeps its cache in GPU memory and gives the CPU's
-    logits within TF32/float32 rounding (float export, same tokens fed); eval and generate
-    run with --device cuda."""
+    logits within TF32/float32 rounding (float export, same tokens fed); eval (--device cuda:0)
+    and generate (--device cuda) run on the GPU."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -152,7 +164,7 @@ def test_cuda_generation_keeps_the_cache_on_the_gpu(float_export):
     for g, c in zip(gpu_logits, cpu_logits):
         np.testing.assert_allclose(g, c, rtol=0.02, atol=0.02 * np.abs(c).max())
     scores = []
-    for device in ("cpu", "cuda"):
+    for device in ("cpu", "cuda:0"):
         res = CliRunner().invoke(app, ["eval", str(float_export), "--max-tokens", "96", "--seq-len", "32", "--stride", "16",
                                        "--quiet", "--device", device])
         assert res.exit_code == 0, res.output

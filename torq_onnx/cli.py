@@ -20,8 +20,6 @@ WeightRounding = Enum("WeightRounding", {"rtn": "rtn", "gptq": "gptq"}, type=str
 ScaleRule = Enum("ScaleRule", {"floor": "floor", "even": "even", "rceil": "rceil"}, type=str)
 SourceDtype = Enum("SourceDtype", {d: d for d in SOURCE_DTYPES}, type=str)
 WeightMode = Enum("WeightMode", {"mxfp4": "mxfp4", "fake": "fake", "float": "float"}, type=str)
-Device = Enum("Device", {"cpu": "cpu", "cuda": "cuda"}, type=str)
-DEVICE_PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")
 err = Console(stderr=True)
@@ -35,8 +33,9 @@ def _custom_ops_option():
 
 def _device_option():
     """eval's and generate's --device."""
-    return typer.Option("cpu", help="Where ONNX Runtime runs the model: cpu, or cuda (its CUDA execution provider: needs "
-                        "onnxruntime-gpu in place of onnxruntime; with --custom-ops the library's CUDA build, which needs nvcc)")
+    return typer.Option("cpu", metavar="cpu|cuda[:N]",
+                        help="Where ONNX Runtime runs the model: cpu, or cuda / cuda:N (its CUDA execution provider on GPU 0 / N: "
+                        "needs onnxruntime-gpu in place of onnxruntime; with --custom-ops the library's CUDA build, which needs nvcc)")
 
 
 def _fail(exc: Exception) -> None:
@@ -115,16 +114,17 @@ def eval_cmd(
     reference: Optional[str] = typer.Option(None, help="Float model to compare with (a MODEL as for export, e.g. smollm2-135m): "
                                             "adds KL divergence and top-1 agreement"),
     custom_ops: bool = _custom_ops_option(),
-    device: Device = _device_option(),
+    device: str = _device_option(),
     quiet: bool = typer.Option(False, help="No progress bar"),
 ) -> None:
     """Perplexity of MODEL_ONNX in ONNX Runtime on held-out text (strided windows)."""
     from torq_onnx.evaluate import evaluate_model
+    from torq_onnx.runtime_ops.providers import device_providers
     from torq_onnx.atomic import write_text_atomic
 
     try:
         res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet, reference=reference,
-                             providers=DEVICE_PROVIDERS[device.value], custom_ops=custom_ops)
+                             providers=device_providers(device), custom_ops=custom_ops)
         if json_out is not None:
             write_text_atomic(json_out, json.dumps(res.as_dict(), indent=2))
     except (TorqError, ValueError) as exc:
@@ -147,15 +147,16 @@ def generate(
     top_p: float = typer.Option(1.0, max=1.0, help="Sample only from the most likely tokens holding this much mass"),
     seed: Optional[int] = typer.Option(None, help="Random seed for sampling"),
     custom_ops: bool = _custom_ops_option(),
-    device: Device = _device_option(),
+    device: str = _device_option(),
 ) -> None:
     """Generate text with the KV cache in ONNX Runtime, streamed; prints prefill and decode speed."""
     from torq_onnx.generate import SamplingOptions, generate as run_generation
+    from torq_onnx.runtime_ops.providers import device_providers
 
     out = Console(highlight=False)
     try:
         res = run_generation(model_dir, prompt, SamplingOptions(max_new_tokens, temperature, top_p, seed),
-                             providers=DEVICE_PROVIDERS[device.value],
+                             providers=device_providers(device),
                              on_text=lambda piece: out.print(piece, end="", markup=False, soft_wrap=True), custom_ops=custom_ops)
     except (TorqError, ValueError) as exc:
         _fail(exc)
