@@ -82,6 +82,12 @@ def test_w4a4_generation_runs_with_finite_logits(w4a4_export):
     assert "decode: 8 tokens" in res.output
 
 
+def cuda_ep_installed() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
 FORCED = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]  # token ids fed one by one after the first four
 
 
@@ -123,11 +129,8 @@ def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
         assert all(np.array_equal(a, b) for a, b in zip(whole, split)), io_binding
 
 
+@pytest.mark.skipif(cuda_ep_installed(), reason="this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
 def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
     for args in (["eval", str(float_export), "--max-tokens", "40", "--seq-len", "32", "--stride", "16", "--quiet"],
                  ["generate", str(float_export), PROMPT, "--max-new-tokens", "2"]):
         for device in ("cuda", "cuda:1"):
@@ -148,14 +151,11 @@ def test_device_names_map_to_providers(float_export):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not cuda_ep_installed(), reason="needs onnxruntime-gpu")  # decided before the export fixture runs
 def test_cuda_generation_keeps_the_cache_on_the_gpu(float_export):
     """On a GPU: the CUDA session's decoder keeps its cache in GPU memory and gives the CPU's
     logits within TF32/float32 rounding (float export, same tokens fed); eval (--device cuda:0)
     and generate (--device cuda) run on the GPU."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("needs onnxruntime-gpu")
     gpu = CachedDecoder(load_session(float_export / "model.onnx", providers=["CUDAExecutionProvider"]))
     assert gpu.cache_device == ("cuda", 0)
     gpu_logits, gpu_cache = teacher_forced(gpu, FORCED)
