@@ -36,6 +36,9 @@ set -uo pipefail
 # stage, so a run stopped at its time limit still returns the stages it finished.
 if [ -n "${OUT:-}" ]; then out=/tmp/gpu-verify-logs; pack_to="$OUT/gpu-verify-logs.tgz"; rm -rf "$out"; else out=gpu-verify-logs; pack_to=""; fi
 pack() { [ -z "$pack_to" ] || { tar czf "$pack_to.tmp" -C "$out" . && mv "$pack_to.tmp" "$pack_to"; }; }
+# the lent device reaches no registry: should its image have npm, fetching ORT's headers (without the
+# carry, they come that way) must fail at once, not retry until the build's 600 s timeout
+[ -z "${OUT:-}" ] || export npm_config_offline=true
 trap pack EXIT
 stages=" ${TORQ_VERIFY_STAGES:-tests sanitizers ops profile split session} "
 dry=${TORQ_VERIFY_DRY:-}
