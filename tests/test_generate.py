@@ -14,6 +14,8 @@ from torq_onnx.errors import TorqError
 from torq_onnx.generate import CachedDecoder, SamplingOptions, choose_token, generate
 from torq_onnx.runtime_ops import load_session
 
+from test_cuda_ops import cuda_ort_available
+
 FAST = ["--calib-samples", "2", "--seq-len", "64", "--quiet"]
 PROMPT = "the cat sat on the mat"
 
@@ -82,12 +84,6 @@ def test_w4a4_generation_runs_with_finite_logits(w4a4_export):
     assert "decode: 8 tokens" in res.output
 
 
-def cuda_ep_installed() -> bool:
-    import onnxruntime as ort
-
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
 FORCED = [3, 4, 5, 6, 9, 1, 7, 2, 8, 11, 4, 5]  # token ids fed one by one after the first four
 
 
@@ -129,7 +125,7 @@ def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
         assert all(np.array_equal(a, b) for a, b in zip(whole, split)), io_binding
 
 
-@pytest.mark.skipif(cuda_ep_installed(), reason="this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
+@pytest.mark.skipif(cuda_ort_available(), reason="this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
 def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
     for args in (["eval", str(float_export), "--max-tokens", "40", "--seq-len", "32", "--stride", "16", "--quiet"],
                  ["generate", str(float_export), PROMPT, "--max-new-tokens", "2"]):
@@ -151,7 +147,7 @@ def test_device_names_map_to_providers(float_export):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_ep_installed(), reason="needs onnxruntime-gpu")  # decided before the export fixture runs
+@pytest.mark.skipif(not cuda_ort_available(), reason="needs onnxruntime-gpu")  # decided before the export fixture runs
 def test_cuda_generation_keeps_the_cache_on_the_gpu(float_export):
     """On a GPU: the CUDA session's decoder keeps its cache in GPU memory and gives the CPU's
     logits within TF32/float32 rounding (float export, same tokens fed); eval (--device cuda:0)

@@ -33,7 +33,7 @@ import onnxruntime as ort
 
 from torq_onnx.errors import TorqError
 from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, perplexity, sliding_windows
-from torq_onnx.generate import cache_device, greedy_decode_step
+from torq_onnx.generate import binds_cache_by_default, greedy_decode_step
 from torq_onnx.runtime_ops import compiled, cuda, load_session
 from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
 
@@ -107,7 +107,7 @@ def main() -> None:
         tps = window.size / ms * 1e3
         decode = decode_tokens_per_second(session, window)
         fed = decode  # the same path, unless the session keeps its cache on a GPU
-        if decode is not None and hasattr(session, "run_with_iobinding") and cache_device(session)[0] != "cpu":
+        if decode is not None and binds_cache_by_default(session):
             fed = decode_tokens_per_second(session, window, bind_cache=False)
         print(f"{name:>15} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f} "
               f"{na(decode):>12} {na(fed):>9}")

@@ -83,11 +83,8 @@ class CachedDecoder:
         missing = [p for p in self.present if p not in outputs]
         if missing:
             raise TorqError(f"the model takes a KV cache but has no outputs {', '.join(missing[:3])} to continue it")
-        self.cache_device = None  # where bound outputs live; None: feed and fetch numpy
-        if hasattr(session, "run_with_iobinding"):
-            device = cache_device(session)
-            if bind_cache or (bind_cache is None and device[0] != "cpu"):
-                self.cache_device = device
+        bind = binds_cache_by_default(session) if bind_cache is None else bind_cache
+        self.cache_device = cache_device(session) if bind else None  # where bound outputs live; None: feed and fetch numpy
 
     def empty_cache(self) -> list[np.ndarray]:
         return list(calib.feeds_for_inputs(self.past, np.zeros(0, np.int64)).values())
@@ -122,12 +119,22 @@ class CachedDecoder:
         return np.asarray(logits)[0, -1].astype(np.float64), present
 
 
-def cache_device(session) -> tuple[str, int]:
+def cache_device(session) -> tuple[str, int] | None:
     """(ORT device type, id) where ``session``'s first provider keeps its tensors: the CUDA
-    EP's GPU (its ``device_id`` option), else host memory."""
+    EP's GPU (its ``device_id`` option), else host memory; None for a session-like object
+    without IOBinding."""
+    if not hasattr(session, "run_with_iobinding"):
+        return None
     if session.get_providers()[0] == "CUDAExecutionProvider":
         return "cuda", int(session.get_provider_options()["CUDAExecutionProvider"].get("device_id", 0))
     return "cpu", 0
+
+
+def binds_cache_by_default(session) -> bool:
+    """Whether a :class:`CachedDecoder` on ``session`` keeps the cache as bound device values
+    unless told otherwise: where the session computes off the host."""
+    device = cache_device(session)
+    return device is not None and device[0] != "cpu"
 
 
 def greedy_decode_step(session, prompt: np.ndarray, bind_cache: bool | None = None) -> Callable[[], None] | None:
