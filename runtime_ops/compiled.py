@@ -144,6 +144,8 @@ def compile_command(include: Path, cuda: bool = False, kernel: str | None = None
         if cxx is None:
             raise TorqError("no C++ compiler: install g++ or set CXX to build the torq custom ops")
         return [cxx, *common, *host, *(str(HERE / s) for s in CPU_SOURCES)]
+    from torq_onnx.runtime_ops import cuda as cuda_ops
+
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise TorqError("no nvcc on PATH: the CUDA build of the torq custom ops needs the CUDA toolkit")
@@ -153,8 +155,7 @@ def compile_command(include: Path, cuda: bool = False, kernel: str | None = None
         gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
     last = archs[-1].removeprefix("sm_")
     gencode += ["-gencode", f"arch=compute_{last},code=compute_{last}"]  # PTX for newer GPUs
-    device = ["-DTORQ_ORTOPS_CUDA", *_launch_defines(kernel),
-              "-ftz=false", "-prec-div=true", "-prec-sqrt=true", *gencode]  # as nvrtc_options: no flush-to-zero
+    device = ["-DTORQ_ORTOPS_CUDA", *_launch_defines(kernel), *cuda_ops.IEEE_FLAGS, *gencode]  # as NVRTC builds them
     if strict:
         device += ["-Werror", "all-warnings"]
     return [nvcc, *common, *device, "-Xcompiler", ",".join(host), *(str(HERE / s) for s in CUDA_SOURCES)]

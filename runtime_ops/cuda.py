@@ -21,6 +21,14 @@ from torq_onnx.runtime_ops.functions import bump_threshold
 _KERNEL_SRC = Path(__file__).with_name("mxfp4_quant.cu")
 WARPS_PER_CTA = 8  # mxfp4_fake_quant: one block per warp
 MAX_GRID_Y = 65535
+# The floating-point options of every GPU build (NVRTC here, nvcc for the ORT library; both
+# compilers spell them alike), so device code computes exactly the IEEE operations its source
+# writes, as the host tests run them: no flush-to-zero (blocks with the minimum E8M0 scale
+# 2^-127 quantize to subnormals), correctly rounded division and square root, and no
+# multiply-add contraction (a fused multiply-add only where the source calls fmaf; the host
+# builds pass -ffp-contract=off for the same reason). tests/test_cuda_exact_math.py checks
+# the machine code for it.
+IEEE_FLAGS = ("--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false")
 
 
 @dataclass(frozen=True)
@@ -75,22 +83,30 @@ def available() -> bool:
 def nvrtc_options(arch: str) -> tuple[str, ...]:
     """The NVRTC options the kernels are built with, for ``arch`` such as ``"sm_90"``.
 
-    No flush-to-zero: CuPy appends ``-ftz=true`` to every compilation it makes itself, and
-    flushing subnormals to zero breaks the bit-exact contract (blocks with the minimum E8M0
-    scale 2^-127 quantize to subnormals), so NVRTC is called directly."""
-    return ("--std=c++14", "-ftz=false", "--prec-div=true", "--prec-sqrt=true", f"-I{_KERNEL_SRC.parent}",
-            f"--gpu-architecture={arch}")
+    :data:`IEEE_FLAGS`; NVRTC is called directly because CuPy appends ``-ftz=true`` to every
+    compilation it makes itself. ``arch`` may also be a virtual one (``"compute_90"``: PTX)."""
+    return ("--std=c++14", *IEEE_FLAGS, f"-I{_KERNEL_SRC.parent}", f"--gpu-architecture={arch}")
 
 
 def compile_cubin(arch: str, nvrtc, source: Path = _KERNEL_SRC) -> tuple[bytes, str]:
     """(cubin, NVRTC's log) of the kernels (mxfp4_quant.cu) for ``arch``. ``nvrtc`` is CuPy's
     ``cupy.cuda.nvrtc`` at run time, or any module with its ``createProgram``,
-    ``compileProgram``, ``getCUBIN``, ``getProgramLog``, ``destroyProgram`` and ``NVRTCError``
-    (the tests bind libnvrtc with ctypes, which needs no GPU)."""
+    ``compileProgram``, ``getCUBIN``, ``getPTX``, ``getProgramLog``, ``destroyProgram`` and
+    ``NVRTCError`` (the tests bind libnvrtc with ctypes, which needs no GPU)."""
+    return _compile(arch, nvrtc, source, nvrtc.getCUBIN)
+
+
+def compile_ptx(arch: str, nvrtc, source: Path = _KERNEL_SRC) -> tuple[bytes, str]:
+    """(PTX, NVRTC's log) of the same build for a virtual ``arch`` such as ``"compute_90"``:
+    the code NVRTC hands to ptxas, which the tests read."""
+    return _compile(arch, nvrtc, source, nvrtc.getPTX)
+
+
+def _compile(arch: str, nvrtc, source: Path, result) -> tuple[bytes, str]:
     prog = nvrtc.createProgram(source.read_text(), source.name, (), ())
     try:
         nvrtc.compileProgram(prog, nvrtc_options(arch))
-        return nvrtc.getCUBIN(prog), nvrtc.getProgramLog(prog)
+        return result(prog), nvrtc.getProgramLog(prog)
     except nvrtc.NVRTCError as exc:
         raise RuntimeError(f"NVRTC could not compile {source.name}: {exc}\n{nvrtc.getProgramLog(prog)}") from exc
     finally:

@@ -22,7 +22,7 @@ def find_library() -> Path | None:
 
 
 class Nvrtc:
-    """createProgram / compileProgram / getCUBIN / getProgramLog / destroyProgram, as CuPy names them."""
+    """createProgram / compileProgram / getCUBIN / getPTX / getProgramLog / destroyProgram, as CuPy names them."""
 
     NVRTCError = NVRTCError
 
@@ -54,6 +54,9 @@ class Nvrtc:
 
     def getCUBIN(self, prog: ctypes.c_void_p) -> bytes:
         return self._sized(prog, "CUBIN")
+
+    def getPTX(self, prog: ctypes.c_void_p) -> bytes:
+        return self._sized(prog, "PTX")
 
     def getProgramLog(self, prog: ctypes.c_void_p) -> str:
         return self._sized(prog, "ProgramLog").rstrip(b"\0").decode()

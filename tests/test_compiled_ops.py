@@ -23,7 +23,10 @@ from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops import functions as F
 from torq_onnx.runtime_ops import reference as ref
+from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool, cuobjdump
 
+import float_code
+from test_cuda_nvrtc import KERNELS as NVRTC_KERNELS
 from test_runtime_ops import adversarial, same
 
 NVCC = shutil.which("nvcc")
@@ -212,13 +215,28 @@ def test_header_folder_is_checked(tmp_path):
 def test_cuda_library_compiles_without_warnings(library, kernel, tmp_path):
     """The CUDA build (CPU and CUDA EP kernels, sm_80 and sm_90, warnings as errors) links
     into one library that exports the registration entry point and loads into a CPU-only
-    ORT, where its CPU kernels run as in the CPU build."""
+    ORT, where its CPU kernels run as in the CPU build. Where cuobjdump is installed, its GPU
+    code (the embedded PTX, and the SASS of mxfp4_quant.cu's kernels in every cubin) asks
+    for exact IEEE operations only, as test_cuda_exact_math.py checks NVRTC's build."""
     out = compiled.build_library(cuda=True, kernel=kernel, strict=True, output=tmp_path / "libtorq_cuda.so")
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(out)], capture_output=True, text=True).stdout
     assert "RegisterCustomOps" in symbols
     x = np.random.default_rng(7).standard_normal((8, 64)).astype(np.float32)
     model = op_model(64)
     assert same(run(model, out, x), run(model, library, x))
+    if cuda_tool("cuobjdump") and cuda_tool("nvdisasm"):
+        ptx = float_code.ptx_float_ops(cuobjdump(out, "-ptx"))
+        # the fused kernel's fmaf chain and quantizer, and __float2half_rn's rounding
+        assert {"fma.rn.f32", "mul.rn.f32", "cvt.rni.f32.f32", "cvt.rn.f16.f32"} <= set(ptx), sorted(ptx)
+        assert float_code.problems(ptx, float_code.ptx_problem) == {}
+        # the machine code of mxfp4_quant.cu's kernels (the group-mixing kernel's integer
+        # division brings exact uses of MUFU.RCP, which the SASS reader does not tell apart)
+        kernels = [(name, float_code.sass_float_ops(body)) for name, body in float_code.sass_functions(cuobjdump(out, "-sass"))
+                   if name in NVRTC_KERNELS]
+        assert sorted(name for name, _ in kernels) == sorted(NVRTC_KERNELS * len(compiled.DEFAULT_CUDA_ARCHS))
+        for name, ops in kernels:
+            assert {"FMUL", "FRND"} <= set(ops) and ("FFMA" in ops or name == "mxfp4_fake_quant"), (name, sorted(ops))
+            assert float_code.problems(ops, float_code.sass_problem) == {}, name
 
 
 @pytest.mark.gpu

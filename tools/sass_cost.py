@@ -1,15 +1,16 @@
 """The fused kernels' machine code, counted without a GPU: what an SM must issue per MX block.
 
-Compiles runtime_ops/mxfp4_quant.cu for an architecture with nvcc (the kernels' GPU build uses
-NVRTC with the same IEEE options), disassembles it with CUDA's cuobjdump and nvdisasm (on the
-PATH or from the nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels) and prints, per fused kernel (``cuda.ROTATE_KERNELS``),
-its registers and shared memory, its SASS instructions, and the warp instructions it issues
-per (row, block) of 32 floats: the ``thread`` kernel's straight-line code serves 32 such
-blocks per warp, the ``warp`` kernel's main loop 4 (TORQ_W_STEP rows). Those are static
-counts (both sides of every branch, so an upper bound on the common path), and from them an
-issue-rate ceiling: an SM issues one warp instruction per scheduler per clock, so a kernel
-that needs N of them per 256 bytes moved (128 read, 128 written) cannot move more than
-SMs x schedulers x clock x 256 / N bytes a second, whatever the memory system gives.
+Compiles runtime_ops/mxfp4_quant.cu for an architecture with nvcc and the options of the
+kernels' GPU builds (``cuda.IEEE_FLAGS``), disassembles it with CUDA's cuobjdump and nvdisasm
+(on the PATH or from the nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels) and prints,
+per fused kernel (``cuda.ROTATE_KERNELS``), its registers and shared memory, its SASS
+instructions, and the warp instructions it issues per (row, block) of 32 floats: the
+``thread`` kernel's straight-line code serves 32 such blocks per warp, the ``warp`` kernel's
+main loop 4 (TORQ_W_STEP rows). Those are static counts (both sides of every branch, so an
+upper bound on the common path), and from them an issue-rate ceiling: an SM issues one warp
+instruction per scheduler per clock, so a kernel that needs N of them per 256 bytes moved
+(128 read, 128 written) cannot move more than SMs x schedulers x clock x 256 / N bytes a
+second, whatever the memory system gives.
 
 Run: python tools/sass_cost.py [--arch sm_90] [--sms 132] [--clock-ghz 1.98] [--copy-gbps 2828]
 """
@@ -17,7 +18,6 @@ Run: python tools/sass_cost.py [--arch sm_90] [--sms 132] [--clock-ghz 1.98] [--
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torq_onnx.runtime_ops import cuda
-from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool
+from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool, cuobjdump
 
 SRC = Path(cuda.__file__).with_name("mxfp4_quant.cu")
 SCHEDULERS = 4  # warp schedulers per SM, each issuing one instruction a clock (sm_70 and newer)
@@ -59,27 +59,23 @@ def compile_cubin(arch: str, cubin: Path) -> str:
     """Compile mxfp4_quant.cu for arch into cubin with nvcc; ptxas's -v report."""
     nvcc = cuda_tool("nvcc")
     if not nvcc:
-        raise RuntimeError("sass_cost: no nvcc on PATH")
-    res = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-Xptxas", "-v", f"-I{SRC.parent}", "-o", str(cubin), str(SRC)],
+        raise RuntimeError("no nvcc on PATH")
+    res = subprocess.run([nvcc, "-cubin", f"-arch={arch}", *cuda.IEEE_FLAGS, "-Xptxas", "-v", f"-I{SRC.parent}", "-o", str(cubin), str(SRC)],
                          capture_output=True, text=True, timeout=300)
     if res.returncode:
-        raise RuntimeError(f"sass_cost: nvcc failed:\n{res.stderr}")
+        raise RuntimeError(f"nvcc failed:\n{res.stderr}")
     return res.stdout + res.stderr
 
 
 def compile_and_disassemble(arch: str) -> tuple[dict[str, Resources], str]:
     """(each kernel's resources, cuobjdump's SASS) of mxfp4_quant.cu for arch."""
-    cuobjdump, nvdisasm = cuda_tool("cuobjdump"), cuda_tool("nvdisasm")
-    if not (cuobjdump and nvdisasm):
-        sys.exit("sass_cost: needs cuobjdump and nvdisasm (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp, "k.cubin")
         try:
             report = compile_cubin(arch, cubin)
+            sass = cuobjdump(cubin, "-sass")
         except RuntimeError as exc:
-            sys.exit(str(exc))
-        env = {**os.environ, "PATH": f"{Path(nvdisasm).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # cuobjdump runs nvdisasm
-        sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True, env=env).stdout
+            sys.exit(f"sass_cost: {exc}")
     return ptxas_resources(report), sass
 
 
