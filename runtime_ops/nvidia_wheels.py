@@ -24,6 +24,11 @@ def cuda_tool(name: str) -> str | None:
     return shutil.which(name) or next((str(p) for p in wheel_files(f"*/bin/{name}")), None)
 
 
+def can_disassemble() -> bool:
+    """Whether :func:`cuobjdump` can run here: cuobjdump and nvdisasm are both found."""
+    return bool(cuda_tool("cuobjdump") and cuda_tool("nvdisasm"))
+
+
 def cuobjdump(binary: str | Path, *flags: str) -> str:
     """CUDA's ``cuobjdump`` on ``binary`` (a cubin, or a library with a fat binary) with
     ``flags`` (``"-sass"``, ``"-ptx"``), its output. It runs ``nvdisasm`` for SASS, found

@@ -23,7 +23,7 @@ from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops import functions as F
 from torq_onnx.runtime_ops import reference as ref
-from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool, cuobjdump
+from torq_onnx.runtime_ops.nvidia_wheels import can_disassemble, cuobjdump
 
 import float_code
 from test_cuda_nvrtc import KERNELS as NVRTC_KERNELS
@@ -224,7 +224,7 @@ def test_cuda_library_compiles_without_warnings(library, kernel, tmp_path):
     x = np.random.default_rng(7).standard_normal((8, 64)).astype(np.float32)
     model = op_model(64)
     assert same(run(model, out, x), run(model, library, x))
-    if cuda_tool("cuobjdump") and cuda_tool("nvdisasm"):
+    if can_disassemble():
         ptx = float_code.ptx_float_ops(cuobjdump(out, "-ptx"))
         # the fused kernel's fmaf chain and quantizer, and __float2half_rn's rounding
         assert {"fma.rn.f32", "mul.rn.f32", "cvt.rni.f32.f32", "cvt.rn.f16.f32"} <= set(ptx), sorted(ptx)

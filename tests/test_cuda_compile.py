@@ -16,7 +16,7 @@ import pytest
 
 from torq_onnx import mxfp4
 from torq_onnx.runtime_ops import functions as F
-from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool
+from torq_onnx.runtime_ops.nvidia_wheels import can_disassemble
 
 from test_runtime_ops import adversarial
 
@@ -60,7 +60,7 @@ def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch
         assert "ld.global.nc.v4.f32" in bodies[kernel]
 
 
-@pytest.mark.skipif(not (cuda_tool("cuobjdump") and cuda_tool("nvdisasm")),
+@pytest.mark.skipif(not can_disassemble(),
                     reason="needs cuobjdump and nvdisasm (the dev extra's nvidia-cuda-cuobjdump, -nvdisasm)")
 def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
     """tools/sass_cost.py on the sm_90 machine code: both fused kernels issue exactly 32 FFMA

@@ -10,14 +10,14 @@ from __future__ import annotations
 import pytest
 
 from torq_onnx.runtime_ops import cuda
-from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool, cuobjdump
+from torq_onnx.runtime_ops.nvidia_wheels import can_disassemble, cuobjdump
 
 import float_code
 from nvrtc_ctypes import Nvrtc, find_library
 
 LIBRARY = find_library()
 pytestmark = pytest.mark.skipif(LIBRARY is None, reason="no NVRTC library (pip install nvidia-cuda-nvrtc, in the dev extra)")
-needs_cuobjdump = pytest.mark.skipif(not (cuda_tool("cuobjdump") and cuda_tool("nvdisasm")),
+needs_cuobjdump = pytest.mark.skipif(not can_disassemble(),
                                      reason="needs cuobjdump and nvdisasm (the dev extra's nvidia-cuda-cuobjdump, -nvdisasm)")
 ARCHS = ["75", "80", "90"]
 # what the kernels' arithmetic compiles to, so a reader that saw none of it fails
@@ -59,7 +59,7 @@ def test_fast_math_is_caught_in_ptx_and_sass(monkeypatch, tmp_path):
                                                              f"--gpu-architecture={arch}"))
     ptx_problems = float_code.problems(float_code.ptx_float_ops(session_ptx("90")), float_code.ptx_problem)
     assert {"fma.rn.ftz.f32", "mul.ftz.f32"} <= set(ptx_problems), ptx_problems
-    if cuda_tool("cuobjdump") and cuda_tool("nvdisasm"):
+    if can_disassemble():
         sass_problems = float_code.problems(float_code.sass_float_ops(session_sass("90", tmp_path)), float_code.sass_problem)
         assert {"FFMA.FTZ", "FMUL.FTZ"} <= set(sass_problems), sass_problems
 

@@ -25,14 +25,13 @@ Run: python tools/bench_cuda_session.py OUT/model.onnx --ids ids.npy | --tokeniz
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from torq_onnx.errors import TorqError
-from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, perplexity, sliding_windows
+from torq_onnx.evaluate import Reference, evaluation_ids, forward_ms, median_seconds, perplexity, sliding_windows
 from torq_onnx.generate import binds_cache_by_default, greedy_decode_step
 from torq_onnx.runtime_ops import compiled, cuda, load_session
 from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
@@ -55,16 +54,7 @@ def decode_tokens_per_second(session, prompt: np.ndarray, bind_cache: bool | Non
     """Greedy decode tokens/s with the KV cache after a prefill of ``prompt`` (median step);
     None for a model without a cache."""
     step = greedy_decode_step(session, prompt, bind_cache)
-    if step is None:
-        return None
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return 1.0 / float(np.median(times))
+    return None if step is None else 1.0 / median_seconds(step, steps, warmup=3)
 
 
 def main() -> None:

@@ -124,17 +124,23 @@ def logits_output(session) -> str:
     )
 
 
+def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeat`` calls of ``fn``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 def forward_ms(session, ids: np.ndarray, repeat: int = 5) -> float:
     """Median wall time of one forward pass over ``ids`` (after a warm-up), in ms."""
     feeds = calib.feeds_for_inputs(calib.input_specs(session), ids)
     out = logits_output(session)
-    session.run([out], feeds)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        session.run([out], feeds)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+    return median_seconds(lambda: session.run([out], feeds), repeat) * 1e3
 
 
 def perplexity(
