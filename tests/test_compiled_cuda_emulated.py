@@ -2,9 +2,9 @@
 CUDA EP kernel calls, its group-mixing and float16 kernels, and the fused kernel as it
 launches it) run on the CPU, compiled unchanged by g++ against an emulated CUDA runtime
 (tests/simt/cuda_shim: tracked device memory, checked copies and launches, all work on the
-op's stream, host waits counted) and the thread emulator, under AddressSanitizer. Its output
-must be the CPU library's, bit for bit, as the GPU test (``-m gpu``) requires of a real CUDA
-session. What stays GPU-only: ORT's CUDA EP itself (node placement, the compute stream, its
+op's stream, host waits counted) and the thread emulator, under AddressSanitizer (and under
+ThreadSanitizer for the group-mixing kernel's shared tiles). Its output must be the CPU
+library's, bit for bit, as the GPU test (``-m gpu``) requires of a real CUDA session. What stays GPU-only: ORT's CUDA EP itself (node placement, the compute stream, its
 allocator) and the GPU's own ordering of the enqueued work."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops import functions as F
 
 from test_compiled_ops import op_model, run
-from test_cuda_emulated import KERNELS, SIMT, sanitizer_missing, simt_build
+from test_cuda_emulated import KERNELS, NO_TSAN, SIMT, TSAN, sanitizer_missing, simt_build
 from test_runtime_ops import same
 
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
@@ -30,14 +30,15 @@ NO_ASAN = sanitizer_missing(SANITIZE)
 pytestmark = pytest.mark.skipif(NO_ASAN is not None, reason=str(NO_ASAN))
 
 
-def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Path = KERNELS) -> Path:
+def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Path = KERNELS, sanitize: list[str] = SANITIZE) -> Path:
     """library_harness.cpp with ort_custom_ops_cuda.cu from ``source_dir`` (a mutated copy in
     the tests that show the checks can fail), built with ``kernel``'s launch geometry as the
-    library is; ``max_grid_y`` lowers the grid's y limit so that a launch is split in chunks."""
+    library is and the ``sanitize`` flags (AddressSanitizer and UBSan, or ThreadSanitizer);
+    ``max_grid_y`` lowers the grid's y limit so that a launch is split in chunks."""
     defines = compiled._launch_defines(kernel)
     if max_grid_y is not None:
         defines = [d for d in defines if not d.startswith("-DTORQ_MAX_GRID_Y=")] + [f"-DTORQ_MAX_GRID_Y={max_grid_y}"]
-    return simt_build(exe, "library_harness.cpp", *SANITIZE, "-DTORQ_ORTOPS_CUDA", *defines, f"-I{SIMT / 'cuda_shim'}",
+    return simt_build(exe, "library_harness.cpp", *sanitize, "-DTORQ_ORTOPS_CUDA", *defines, f"-I{SIMT / 'cuda_shim'}",
                       f"-I{source_dir}", f"-I{KERNELS}", opt="-O1")
 
 
@@ -152,13 +153,61 @@ def test_a_changed_r_inter_is_used_not_the_cached_copy(library, harness):
     assert "device-allocations-left 0" in report
 
 
+@pytest.mark.parametrize("groups", [2, 10, 40, 160])
+def test_group_mix_tiles_cover_every_shape(library, harness, groups):
+    """The group-mixing kernel's tiles on a 160-wide hidden axis: 2 groups of 80 (a warp's
+    columns span two tokens), 10 of 16, 40 (a staged tile of 32 h and a partial one of 8;
+    one CTA of 64 rows, 24 of them idle) and 160 of width 1 (five tiles of h, three CTAs of
+    rows, the last half empty); 37 tokens, so the last CTA of columns is partial. TorqRotate,
+    so that the mixed values reach the output unquantized: each is the CPU library's, bit for
+    bit (a sum in another order or one unfused multiply-add fails this)."""
+    case = make_case(np.random.default_rng(30 + groups), groups=groups, per_block=True, quantize=False, rows=37)
+    [y], _ = emulate(harness, [case])
+    assert same(y, run(case.model, library, case.x))
+
+
+# The group-mixing kernel's two barriers, each as its exact line in ort_custom_ops_cuda.cu.
+MIX_BARRIERS = {
+    "tiles staged before they are read": "        __syncthreads();\n        if (!live || g_warp >= groups) continue;",
+    "tiles read before they are restaged": "        __syncthreads();  // every lane is done with the previous tile\n",
+}
+
+
+@pytest.mark.skipif(NO_TSAN is not None, reason=str(NO_TSAN))
+@pytest.mark.parametrize("barrier", [None, *sorted(MIX_BARRIERS)])
+def test_race_checker_on_the_group_mix_tiles(library, tmp_path, barrier):
+    """The host function under ThreadSanitizer (each CUDA thread a real thread): with the
+    source as it is, 40 groups (two tiles of h) run race-free and bit-identical to the CPU
+    library; with either barrier of the group-mixing kernel deleted, races on its shared
+    tiles (and only there) are reported and the run fails."""
+    source_dir = KERNELS
+    if barrier is not None:
+        line = MIX_BARRIERS[barrier]
+        source = (KERNELS / "ort_custom_ops_cuda.cu").read_text()
+        assert source.count(line) == 1, f"the barrier line is no longer in ort_custom_ops_cuda.cu: {line!r}"
+        (tmp_path / "ort_custom_ops_cuda.cu").write_text(source.replace(line, line.replace("__syncthreads();", "", 1)))
+        source_dir = tmp_path
+    exe = build(tmp_path / "library_harness", "thread", source_dir=source_dir, sanitize=TSAN)
+    case = make_case(np.random.default_rng(31), groups=40, rows=40)
+    if barrier is None:
+        [y], _ = emulate(exe, [case])
+        assert same(y, run(case.model, library, case.x))
+        return
+    res = invoke(exe, [case])
+    report = res.stderr.decode()
+    assert res.returncode != 0 and "ThreadSanitizer: data race" in report, report[-2000:]
+    places = set(re.findall(r"Location is global '[^']*torq_group_mix[^']*::(\w+)'", report))
+    assert places and places <= {"xs", "rs"}, report[-2000:]
+    assert len(re.findall(r"Location is global", report)) == len(re.findall(r"Location is global '[^']*torq_group_mix", report))
+
+
 # Bugs the emulation must catch, each as (the line in ort_custom_ops_cuda.cu, its mutation,
 # the message that reports it).
 MUTATIONS = {
     "host R_inter handed to the kernel": (
-        "(src, r_dev, xf, total,", "(src, r_inter, xf, total,", "a kernel argument points to host memory"),
+        "(src, r_dev, xf, columns,", "(src, r_inter, xf, columns,", "a kernel argument points to host memory"),
     "a kernel launched on another stream": (
-        "TORQ_LAUNCH(torq_group_mix, grid_1d(total), kThreads, stream)", "TORQ_LAUNCH(torq_group_mix, grid_1d(total), kThreads, nullptr)",
+        "TORQ_LAUNCH(torq_group_mix, grid, kMixWarps * 32, stream)", "TORQ_LAUNCH(torq_group_mix, grid, kMixWarps * 32, nullptr)",
         "enqueued on a stream other than the op's"),
     "scratch sized short": ("    if (s.half) l.y = take(total);\n", "    if (s.half) l.y = take(total / 2);\n", "heap-buffer-overflow"),
     "y's float32 view left unconverted": (

@@ -60,14 +60,25 @@ def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch
         assert "ld.global.nc.v4.f32" in bodies[kernel]
 
 
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_group_mix_kernel_keeps_its_sums_in_registers(tmp_path, arch):
+    """The library's group-mixing kernel, built as the library builds it: its kMixRows sums
+    and staging pointers stay in registers (no stack frame, no spills) and its tiles are in
+    shared memory."""
+    report = sass_cost.ptxas_resources(sass_cost.compile_cubin(arch, tmp_path / "k.cubin", sass_cost.LIBRARY_SRC, library=True))
+    [r] = [r for name, r in report.items() if sass_cost.MIX_KERNEL in name]
+    assert (r.stack, r.spill_stores, r.spill_loads) == (0, 0, 0) and r.smem > 0, r
+
+
 @pytest.mark.skipif(not can_disassemble(),
                     reason="needs cuobjdump and nvdisasm (the dev extra's nvidia-cuda-cuobjdump, -nvdisasm)")
-def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
+def test_sass_cost_counts_the_matvec_once_and_the_loops_stay_lean():
     """tools/sass_cost.py on the sm_90 machine code: both fused kernels issue exactly 32 FFMA
     per (row, block) and lane (the 32 x 32 matvec, once), which checks the tool's normalization;
-    and the warp kernel's loop stays under 100 warp instructions per (row, block), the budget
+    the warp kernel's loop stays under 100 warp instructions per (row, block), the budget
     its issue-rate ceiling above an H100's copy bandwidth rests on (quantizing the step's rows
-    one after another, each lane one element, costs 186)."""
+    one after another, each lane one element, costs 186); and the library's group-mixing
+    kernel keeps its register tiles (its loop's instructions per FFMA)."""
     res = subprocess.run([sys.executable, str(TOOLS / "sass_cost.py")], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr
@@ -77,6 +88,10 @@ def test_sass_cost_counts_the_matvec_once_and_the_warp_loop_stays_lean():
         assert float(per_row) == pytest.approx(int(counted) / sass_cost.ROWS_PER_WARP[kernel], abs=0.05)  # printed to 0.1
         assert int(ffma) / sass_cost.ROWS_PER_WARP[kernel] == 32, (kernel, res.stdout)
     assert float(rows["warp"][2]) < 100, res.stdout
+    # the group-mixing kernel's tile loop: under 2.5 instructions per FFMA (one output per
+    # thread, reading x and R from global memory at every step, costs 7.75)
+    [(ffma, per_ffma)] = re.findall(r"^\s*this tree\s+\d+\s+\d+\s+\d+\s+(\d+)\s+([\d.]+)", res.stdout, re.M)
+    assert int(ffma) > 0 and float(per_ffma) < 2.5, res.stdout
 
 
 @pytest.fixture(scope="module", params=["host form", "device form"])
