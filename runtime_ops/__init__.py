@@ -51,12 +51,15 @@ def register(sess_options=None):
     return opts
 
 
-def load_session(path, providers=None, sess_options=None, custom_ops=None):
+def load_session(path, providers=None, sess_options=None, custom_ops=None, last_position_logits=False):
     """An ``onnxruntime.InferenceSession`` for an exported torq model (CPU unless told).
 
     ``custom_ops``: None or False runs the ops' ONNX function bodies; True loads the compiled
     custom-op library (:mod:`~torq_onnx.runtime_ops.compiled`, built and cached on first use;
-    its CUDA build when ``providers`` name the CUDA EP); a path loads that library."""
+    its CUDA build when ``providers`` name the CUDA EP); a path loads that library.
+    ``last_position_logits``: the session's ``logits`` are the last position's only,
+    ``[batch, 1, vocab]`` (the LM head runs on one position: generation's prefill;
+    :mod:`torq_onnx.last_logits`); a graph of another form loads unchanged."""
     import onnxruntime as ort
 
     from torq_onnx.errors import TorqError
@@ -71,9 +74,28 @@ def load_session(path, providers=None, sess_options=None, custom_ops=None):
 
         on_cuda = "CUDAExecutionProvider" in provider_names(providers)
         compiled.register(opts, None if custom_ops is True else custom_ops, cuda=on_cuda)
+    model = _last_position_model(p, opts) if last_position_logits else None
     try:
-        session = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
+        session = ort.InferenceSession(str(p) if model is None else model, sess_options=opts, providers=providers)
     except Exception as exc:  # ORT raises its own exception types with long messages
         raise TorqError(f"ONNX Runtime could not load {p}: {exc}") from exc
     require_providers(session, providers, str(p))
     return session
+
+
+def _last_position_model(path: Path, opts) -> bytes | None:
+    """``path``'s graph with last-position logits, serialized, its external data (if any)
+    read from beside ``path`` (``opts`` told where); None where the graph keeps its form."""
+    import onnx
+
+    from torq_onnx.errors import TorqError
+    from torq_onnx.last_logits import slice_logits_to_last_position
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk
+    except Exception as exc:
+        raise TorqError(f"could not read ONNX model {path}: {exc}") from None
+    if not slice_logits_to_last_position(model):
+        return None
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.resolve().parent))
+    return model.SerializeToString()

@@ -125,6 +125,70 @@ def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
         assert all(np.array_equal(a, b) for a, b in zip(whole, split)), io_binding
 
 
+def lm_head_graph(tail: list[tuple[str, list[str]]], opset: int = 18):
+    """hidden [b, T, 8] -> MatMul(W [8, 5]) -> ``tail`` ops (op type, extra inputs) -> logits,
+    and a second output read from hidden (as a KV cache would be)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 5)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "bias")]
+    nodes, value = [helper.make_node("MatMul", ["hidden", "W"], ["z0"])], "z0"
+    for i, (op, extra) in enumerate(tail):
+        attrs = {"to": TensorProto.FLOAT} if op == "Cast" else {}
+        nodes.append(helper.make_node(op, [value, *extra], [f"z{i + 1}"], **attrs))
+        value = f"z{i + 1}"
+    nodes[-1].output[0] = "logits"
+    nodes.append(helper.make_node("Relu", ["hidden"], ["present.0.key"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["b", "T", 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "T", 5]),
+                               helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["b", "T", 8])], inits,
+                              value_info=[helper.make_tensor_value_info("z0", TensorProto.FLOAT, ["b", "T", 5])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_last_position_logits_rewrite_and_the_forms_it_leaves():
+    """The LM head's MatMul (through a Cast) gets its input sliced to the last position:
+    logits [b, 1, V] equal to the full graph's last row, the other output unchanged. A bias
+    Add after the MatMul, a graph without logits, or an opset without Slice's inputs form is
+    left as it is."""
+    import onnx
+    import onnxruntime as ort
+
+    from torq_onnx.last_logits import slice_logits_to_last_position
+
+    hidden = np.random.default_rng(6).standard_normal((2, 7, 8)).astype(np.float32)
+    full = lm_head_graph([("Cast", [])])
+    last = onnx.ModelProto.FromString(full.SerializeToString())
+    assert slice_logits_to_last_position(last)
+    onnx.checker.check_model(last, full_check=True)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"hidden": hidden})  # noqa: E731
+    (full_logits, full_key), (last_logits, last_key) = run(full), run(last)
+    assert last_logits.shape == (2, 1, 5) and np.allclose(last_logits[:, 0], full_logits[:, -1], rtol=1e-6, atol=0)
+    assert np.array_equal(last_key, full_key)
+    for model in (lm_head_graph([("Add", ["bias"])]), lm_head_graph([("Cast", [])], opset=11)):
+        before = model.SerializeToString()
+        assert not slice_logits_to_last_position(model) and model.SerializeToString() == before
+    no_logits = lm_head_graph([("Cast", [])])
+    no_logits.graph.output[0].name = "scores"
+    assert not slice_logits_to_last_position(no_logits)
+
+
+def test_generation_sessions_compute_the_last_positions_logits(w4a4_export):
+    """The session ``generate`` loads (last_position_logits): a [1, 1, vocab] logits output,
+    the same next-token logits as the full graph at every step of a teacher-forced run (the
+    prefill's LM head on one position instead of four), and the same cache, bit for bit."""
+    path = w4a4_export / "model.onnx"
+    session = load_session(path, last_position_logits=True)
+    [logits] = [o for o in session.get_outputs() if o.name == "logits"]
+    assert logits.shape[1] == 1
+    (full, full_cache), (last, last_cache) = teacher_forced(CachedDecoder(load_session(path)), FORCED), teacher_forced(CachedDecoder(session), FORCED)
+    for a, b in zip(full, last):
+        assert np.allclose(a, b, rtol=1e-6, atol=1e-6) and np.argmax(a) == np.argmax(b)
+    assert all(np.array_equal(a, b) for a, b in zip(full_cache, last_cache))
+
+
 @pytest.mark.skipif(cuda_ort_available(), reason="this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
 def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
     for args in (["eval", str(float_export), "--max-tokens", "40", "--seq-len", "32", "--stride", "16", "--quiet"],
@@ -276,8 +340,13 @@ def test_large_exports_use_external_data_and_load_back(tiny_llama_dir, tmp_path,
     out = export(tiny_llama_dir, tmp_path / "ext")
     data = out / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > 100_000  # the weights (small tensors stay inline)
-    res = generate(out, PROMPT, SamplingOptions(max_new_tokens=6))
-    assert len(res.tokens) >= 1
+    from torq_onnx import models
+
+    res = generate(out, PROMPT, SamplingOptions(max_new_tokens=6))  # its graph rewritten in memory, the weights read beside it
+    prompt_ids = calib.tokenize(models.load_tokenizer(out / "tokenizer"), PROMPT)
+    assert len(res.tokens) >= 1 and res.tokens == greedy_without_cache(out / "model.onnx", prompt_ids, len(res.tokens))
+    [logits] = [o for o in load_session(out / "model.onnx", last_position_logits=True).get_outputs() if o.name == "logits"]
+    assert logits.shape[1] == 1
     res = CliRunner().invoke(app, ["eval", str(out), "--seq-len", "64", "--stride", "32", "--max-tokens", "200", "--quiet"])
     assert res.exit_code == 0, res.output
 

@@ -14,7 +14,6 @@ beside its function-body row. Run:
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +21,10 @@ import onnxruntime as ort
 
 from torq_onnx import calibration as calib
 from torq_onnx import models
-from torq_onnx.evaluate import evaluation_ids, logits_output, perplexity
+from torq_onnx.evaluate import evaluation_ids, logits_output, perplexity, round_robin
 from torq_onnx.generate import greedy_decode_step
 from torq_onnx.runtime_ops import DOMAIN, load_session
 from torq_onnx.runtime_ops.functions import ONLINE_OPS
-
-
-def round_robin(steps: list, rounds: int) -> list[float]:
-    """Median seconds of each callable in ``steps``, called in turn ``rounds`` times after one
-    warm-up call each."""
-    for step in steps:
-        step()
-    times = [[] for _ in steps]
-    for _ in range(rounds):
-        for step, t in zip(steps, times):
-            start = time.perf_counter()
-            step()
-            t.append(time.perf_counter() - start)
-    return [float(np.median(t)) for t in times]
 
 
 def forward_pass(session, ids: np.ndarray):

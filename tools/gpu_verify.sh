@@ -15,7 +15,7 @@
 #   session     tools/bench_cuda_session.py on the model (CPU, CUDA EP function body, split
 #               runner, compiled library on CPU and on the CUDA EP: PPL, KL and top-1 vs CPU,
 #               decode tokens/s), then torq-onnx generate --device cuda on it (with and
-#               without --custom-ops)
+#               without --custom-ops) and tools/bench_prefill.py --device cuda
 #   export      only the exports below (the split and session stages make them when they need them)
 # split and session need a model: TORQ_VERIFY_MODEL=OUT/model.onnx (an export), or
 # TORQ_VERIFY_EXPORT=DIR to export the default model there first, and for the session stage
@@ -167,6 +167,9 @@ if [ -n "$model" ]; then
                     >>"$out/generate_cuda.txt" 2>&1 || status=1
             done
             cat "$out/generate_cuda.txt"
+            # generation's prefill with every position's logits against the last position's (what a prefill copies to the host)
+            python3 tools/bench_prefill.py "$model" --tokenizer-dir "$(dirname "$model")" --device cuda --tokens 128,512,2048 \
+                2>&1 | tee "$out/bench_prefill_cuda.txt" || status=1
         fi
     fi
 fi

@@ -136,6 +136,20 @@ def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> fl
     return float(np.median(times))
 
 
+def round_robin(steps: list[Callable[[], object]], rounds: int) -> list[float]:
+    """Median seconds of each callable in ``steps``, called in turn ``rounds`` times after one
+    warm-up call each (on a machine whose speed drifts, every step is slowed alike)."""
+    for step in steps:
+        step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(rounds):
+        for step, t in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            t.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
 def forward_ms(session, ids: np.ndarray, repeat: int = 5) -> float:
     """Median wall time of one forward pass over ``ids`` (after a warm-up), in ms."""
     feeds = calib.feeds_for_inputs(calib.input_specs(session), ids)

@@ -63,7 +63,8 @@ class CachedDecoder:
     The cache stays where the session computes it: each pass binds the ``present.*`` outputs
     to the device of the session's first provider (ORT IOBinding) and the next pass binds
     those same values as its ``past_key_values.*``, so a CUDA session never copies the cache
-    through host memory; only the logits are read on the host. A CPU session is fed numpy
+    through host memory; only the logits are read on the host (one position's for a session
+    loaded with ``last_position_logits``, as :func:`generate` loads it). A CPU session is fed numpy
     arrays (the cache is in host memory either way) unless ``bind_cache=True``, which runs the
     binding code on the CPU, as the tests do; a session-like object without IOBinding
     (e.g. :class:`~torq_onnx.runtime_ops.SplitSession`) is always fed numpy arrays.
@@ -202,7 +203,7 @@ def generate(model_path: str | Path, prompt: str, opts: SamplingOptions | None =
     limit = context_length(model_dir, tokenizer)
     if limit is not None and prompt_ids.size + opts.max_new_tokens > limit:
         raise TorqError(f"prompt ({prompt_ids.size} tokens) + --max-new-tokens ({opts.max_new_tokens}) exceeds the model's context of {limit} tokens")
-    decoder = CachedDecoder(load_session(path, providers=providers, custom_ops=custom_ops))
+    decoder = CachedDecoder(load_session(path, providers=providers, custom_ops=custom_ops, last_position_logits=True))
     rng = np.random.default_rng(opts.seed)
     eos = getattr(tokenizer, "eos_token_id", None)
     res = GenerationResult(prompt_tokens=int(prompt_ids.size))
