@@ -128,7 +128,6 @@ def test_the_split_runner_decodes_with_the_cache_bit_identically(w4a4_export):
 def lm_head_graph(tail: list[tuple[str, list[str]]], opset: int = 18):
     """hidden [b, T, 8] -> MatMul(W [8, 5]) -> ``tail`` ops (op type, extra inputs) -> logits,
     and a second output read from hidden (as a KV cache would be)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(5)
