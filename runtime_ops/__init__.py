@@ -21,7 +21,7 @@ from torq_onnx.runtime_ops.functions import (
     make_dequantize_node,
     make_rotate_quantize_node,
 )
-from torq_onnx.runtime_ops.providers import provider_names, require_providers
+from torq_onnx.runtime_ops.providers import provider_names, require_installed, require_providers
 from torq_onnx.runtime_ops.split_runner import SplitSession
 
 __all__ = [
@@ -68,6 +68,7 @@ def load_session(path, providers=None, sess_options=None, custom_ops=None, last_
     if not p.is_file():
         raise TorqError(f"no ONNX model at {p}")
     providers = providers or ["CPUExecutionProvider"]
+    require_installed(providers, str(p))
     opts = register(sess_options)
     if custom_ops:
         from torq_onnx.runtime_ops import compiled

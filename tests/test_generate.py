@@ -151,7 +151,7 @@ def test_last_position_logits_rewrite_and_the_forms_it_leaves():
     """The LM head's MatMul (through a Cast) gets its input sliced to the last position:
     logits [b, 1, V] equal to the full graph's last row, the other output unchanged. A bias
     Add after the MatMul, a graph without logits, or an opset without Slice's inputs form is
-    left as it is."""
+    left as it is, and so is a MatMul whose first input is the weight."""
     import onnx
     import onnxruntime as ort
 
@@ -172,6 +172,9 @@ def test_last_position_logits_rewrite_and_the_forms_it_leaves():
     no_logits = lm_head_graph([("Cast", [])])
     no_logits.graph.output[0].name = "scores"
     assert not slice_logits_to_last_position(no_logits)
+    weight_first = lm_head_graph([("Cast", [])])
+    weight_first.graph.node[0].input[:] = ["W", "hidden"]  # W [8, 5] x hidden: no position axis to slice
+    assert not slice_logits_to_last_position(weight_first)
 
 
 def test_generation_sessions_compute_the_last_positions_logits(w4a4_export):
@@ -195,7 +198,8 @@ def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
         for device in ("cuda", "cuda:1"):
             res = CliRunner().invoke(app, [*args, "--device", device])
             assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-            assert "did not enable CUDAExecutionProvider" in " ".join(res.output.split()), res.output
+            assert "this onnxruntime has no CUDAExecutionProvider" in " ".join(res.output.split()), res.output
+            assert "Specified provider" not in res.output  # refused before ORT loads the model and warns
 
 
 def test_device_names_map_to_providers(float_export):

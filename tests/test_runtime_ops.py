@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -218,7 +220,8 @@ def test_unknown_scale_rule_rejected():
 
 def test_a_session_that_would_fall_back_to_the_cpu_is_an_error(tmp_path):
     """ORT only warns when a requested provider is missing and runs on the CPU instead;
-    load_session refuses, naming the provider (here on an ORT without the CUDA EP)."""
+    load_session refuses, naming the provider (here on an ORT without the CUDA EP), before
+    it makes a session, so ORT neither loads the model nor warns first."""
     from torq_onnx.errors import TorqError
     from torq_onnx.runtime_ops import load_session
     from tiny_models import tiny_transformer
@@ -227,6 +230,23 @@ def test_a_session_that_would_fall_back_to_the_cpu_is_an_error(tmp_path):
         pytest.skip("this ORT has the CUDA EP: nothing falls back for want of it")
     path = tmp_path / "m.onnx"
     onnx.save(tiny_transformer(), path)
-    with pytest.raises(TorqError, match="did not enable CUDAExecutionProvider"):
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(TorqError, match="this onnxruntime has no CUDAExecutionProvider"):
+        warnings.simplefilter("always")
         load_session(path, providers=["CUDAExecutionProvider"])
+    assert not caught  # refused before a session is made: no ORT warning first
     assert load_session(path, providers=["CPUExecutionProvider"]).get_providers() == ["CPUExecutionProvider"]
+
+
+def test_a_provider_that_fails_to_load_is_refused_after_the_session():
+    """A provider that is installed but not enabled (CUDA's libraries missing: ORT falls back
+    to the CPU with a warning) is caught from the session's own providers."""
+    from torq_onnx.errors import TorqError
+    from torq_onnx.runtime_ops.providers import require_providers
+
+    class FellBack:  # what ORT returns then: a session on the CPU only
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.raises(TorqError, match="did not enable CUDAExecutionProvider for m.onnx"):
+        require_providers(FellBack(), [("CUDAExecutionProvider", {"device_id": "0"})], "m.onnx")
+    require_providers(FellBack(), ["CPUExecutionProvider"], "m.onnx")

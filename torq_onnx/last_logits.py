@@ -3,7 +3,7 @@
 Generation reads one row of the ``logits`` output, ``[batch, T, vocab]``, per pass: the last
 position's. A prefill of T prompt tokens still runs the LM head on all T positions, and a
 session bound on a GPU copies all of them to the host: at T = 512 on SmolLM2-135M that is
-100 MB and about a tenth of the CPU prefill. ORT runs every node of a graph whatever
+96 MB and about a tenth of the CPU prefill. ORT runs every node of a graph whatever
 outputs a run asks for, so the graph itself is changed, in memory: the LM head's input is
 sliced to its last position, and ``logits`` becomes ``[batch, 1, vocab]``.
 
@@ -55,6 +55,8 @@ def slice_logits_to_last_position(model: onnx.ModelProto) -> bool:
         return False
     matmul = chain[0]
     hidden = matmul.input[0]
+    if hidden in {t.name for t in graph.initializer}:  # a weight first: not the [..., T, hidden] activation
+        return False
     last = f"{PREFIX}/{hidden}"
     consts = {f"{PREFIX}/{name}": np.array([value], np.int64)
               for name, value in (("starts", -1), ("ends", np.iinfo(np.int64).max), ("axes", -2))}
