@@ -153,15 +153,16 @@ def test_a_changed_r_inter_is_used_not_the_cached_copy(library, harness):
     assert "device-allocations-left 0" in report
 
 
-@pytest.mark.parametrize("groups", [2, 10, 40, 160])
-def test_group_mix_tiles_cover_every_shape(library, harness, groups):
-    """The group-mixing kernel's tiles on a 160-wide hidden axis: 2 groups of 80 (a warp's
+@pytest.mark.parametrize(("groups", "blocks"), [(2, 5), (10, 5), (40, 5), (160, 5), (72, 72)])
+def test_group_mix_tiles_cover_every_shape(library, harness, groups, blocks):
+    """The group-mixing kernel's tiles: on a 160-wide hidden axis 2 groups of 80 (a warp's
     columns span two tokens), 10 of 16, 40 (a staged tile of 32 h and a partial one of 8;
     one CTA of 64 rows, 24 of them idle) and 160 of width 1 (five tiles of h, three CTAs of
-    rows, the last half empty); 37 tokens, so the last CTA of columns is partial. TorqRotate,
-    so that the mixed values reach the output unquantized: each is the CPU library's, bit for
-    bit (a sum in another order or one unfused multiply-add fails this)."""
-    case = make_case(np.random.default_rng(30 + groups), groups=groups, per_block=True, quantize=False, rows=37)
+    rows, the last half empty); and an exported torq site's form, [B, B] for B = 72 blocks
+    (two CTAs of rows, three tiles of h). 37 tokens, so the last CTA of columns is partial.
+    TorqRotate, so that the mixed values reach the output unquantized: each is the CPU
+    library's, bit for bit (a sum in another order or one unfused multiply-add fails this)."""
+    case = make_case(np.random.default_rng(30 + groups), groups=groups, per_block=True, quantize=False, rows=37, blocks=blocks)
     [y], _ = emulate(harness, [case])
     assert same(y, run(case.model, library, case.x))
 
