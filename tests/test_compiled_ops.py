@@ -242,7 +242,8 @@ def test_cuda_library_compiles_without_warnings(library, kernel, tmp_path):
 @pytest.mark.gpu
 def test_cuda_session_matches_the_cpu_library_bit_for_bit(library, tmp_path):
     """On a GPU: the whole-graph CUDA session with the CUDA build computes the same bits as the
-    CPU library, shared and per-block R_intra, dense R_inter, float16."""
+    CPU library, shared and per-block R_intra, dense R_inter, float16, and at a torq site's
+    size (D = 4096, [128, 128] R_inter)."""
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("needs onnxruntime-gpu")
     lib = compiled.build_library(cuda=True)
@@ -255,6 +256,13 @@ def test_cuda_session_matches_the_cpu_library_bit_for_bit(library, tmp_path):
                     model = op_model(256, op, dtype=dtype, r_inter=ri, r_intra=rk)
                     gpu = session(model, lib, provider="CUDAExecutionProvider")
                     assert same(gpu.run(None, {"x": x})[0], run(model, library, x)), (dtype, ri.shape, rk.shape, op)
+    # a torq site's form at D = 4096: [128, 128] R_inter (the group-mixing kernel's two CTAs of rows, four tiles of h)
+    x = rng.standard_normal((1029, 4096)).astype(np.float32)
+    ri = np.linalg.qr(rng.standard_normal((128, 128)))[0].astype(np.float32)
+    for op in (F.ROTATE_QUANTIZE, F.ROTATE):
+        model = op_model(4096, op, r_inter=ri, r_intra=(rng.standard_normal((32, 32)) / 6).astype(np.float32))
+        gpu = session(model, lib, provider="CUDAExecutionProvider")
+        assert same(gpu.run(None, {"x": x})[0], run(model, library, x)), ("D=4096", op)
 
 
 def concurrent_runs(sess: ort.InferenceSession, xs: list[np.ndarray]) -> list[np.ndarray]:
