@@ -191,6 +191,27 @@ def test_generation_sessions_compute_the_last_positions_logits(w4a4_export):
     assert all(np.array_equal(a, b) for a, b in zip(full_cache, last_cache))
 
 
+def test_prefill_benchmark_reports_the_same_next_token_logits_and_cache(w4a4_export):
+    """tools/bench_prefill.py (the README's prefill table) on the tiny export: one row per
+    prompt length T, each with a logits output T times smaller, the same KV cache and a
+    next-token logits difference within float32 rounding."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "bench_prefill.py"
+    res = subprocess.run([sys.executable, str(tool), str(w4a4_export / "model.onnx"), "--tokenizer-dir", str(w4a4_export / "tokenizer"),
+                          "--tokens", "16,32", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    num = r"([\d.]+(?:e[-+]\d+)?)"
+    rows = re.findall(rf"^\s*(\d+)\s+[\d.]+\s+{num}\s+[\d.]+\s+{num}\s+[\d.]+x\s+(\S+)\s+(\w+)$", res.stdout, re.M)
+    assert [int(r[0]) for r in rows] == [16, 32], res.stdout
+    for tokens, full_mb, last_mb, diff, cache in rows:
+        assert float(last_mb) > 0 and float(full_mb) == pytest.approx(int(tokens) * float(last_mb), rel=0.01), res.stdout
+        assert float(diff) < 1e-5 and cache == "same", res.stdout
+
+
 @pytest.mark.skipif(cuda_ort_available(), reason="this onnxruntime has the CUDA EP (the gpu tests run --device cuda)")
 def test_cuda_device_without_the_cuda_ep_is_a_one_line_error(float_export):
     for args in (["eval", str(float_export), "--max-tokens", "40", "--seq-len", "32", "--stride", "16", "--quiet"],

@@ -62,7 +62,7 @@ def main() -> None:
         (full_logits, full_cache), (last_logits, last_cache) = (step() for step in steps)
         row_mb = full_logits.size * logits_itemsize(decoders[0]) / 2**20
         same_cache = all(np.array_equal(as_numpy(a), as_numpy(b)) for a, b in zip(full_cache, last_cache))
-        print(f"{t:>6} {1e3 * full_s:>16.1f} {t * row_mb:>9.1f} {1e3 * last_s:>16.1f} {row_mb:>9.2f} "
+        print(f"{t:>6} {1e3 * full_s:>16.1f} {t * row_mb:>9.3g} {1e3 * last_s:>16.1f} {row_mb:>9.3g} "
               f"{full_s / last_s:>7.2f}x {float(np.abs(full_logits - last_logits).max()):>28.3g} "
               f"{'same' if same_cache else 'DIFFERS':>9}")
     print("logits MB: what one prefill's logits output holds (on a GPU session, also what is copied to the host)")
