@@ -42,6 +42,15 @@ def build(exe: Path, kernel: str, max_grid_y: int | None = None, source_dir: Pat
                       f"-I{source_dir}", f"-I{KERNELS}", opt="-O1")
 
 
+def mutated_source(folder: Path, line: str, replacement: str) -> Path:
+    """``folder`` holding ort_custom_ops_cuda.cu with its one ``line`` replaced (for
+    :func:`build`'s ``source_dir``); fails if the line is no longer there exactly once."""
+    source = (KERNELS / "ort_custom_ops_cuda.cu").read_text()
+    assert source.count(line) == 1, f"no longer in ort_custom_ops_cuda.cu once: {line!r}"
+    (folder / "ort_custom_ops_cuda.cu").write_text(source.replace(line, replacement))
+    return folder
+
+
 @pytest.fixture(scope="module", params=sorted(cuda.ROTATE_KERNELS))
 def harness(request, tmp_path_factory) -> Path:
     return build(tmp_path_factory.mktemp("simt-lib") / "library_harness", request.param)
@@ -184,10 +193,7 @@ def test_race_checker_on_the_group_mix_tiles(library, tmp_path, barrier):
     source_dir = KERNELS
     if barrier is not None:
         line = MIX_BARRIERS[barrier]
-        source = (KERNELS / "ort_custom_ops_cuda.cu").read_text()
-        assert source.count(line) == 1, f"the barrier line is no longer in ort_custom_ops_cuda.cu: {line!r}"
-        (tmp_path / "ort_custom_ops_cuda.cu").write_text(source.replace(line, line.replace("__syncthreads();", "", 1)))
-        source_dir = tmp_path
+        source_dir = mutated_source(tmp_path, line, line.replace("__syncthreads();", "", 1))
     exe = build(tmp_path / "library_harness", "thread", source_dir=source_dir, sanitize=TSAN)
     case = make_case(np.random.default_rng(31), groups=40, rows=40)
     if barrier is None:
@@ -222,10 +228,7 @@ def test_the_emulation_catches_a_broken_host_function(library, tmp_path, mutatio
     emulated runtime or AddressSanitizer, or (None) gives output that differs from the CPU
     library's."""
     line, mutated, message = MUTATIONS[mutation]
-    source = (KERNELS / "ort_custom_ops_cuda.cu").read_text()
-    assert source.count(line) == 1, f"no longer in ort_custom_ops_cuda.cu: {line!r}"
-    (tmp_path / "ort_custom_ops_cuda.cu").write_text(source.replace(line, mutated))
-    exe = build(tmp_path / "library_harness", "thread", source_dir=tmp_path)
+    exe = build(tmp_path / "library_harness", "thread", source_dir=mutated_source(tmp_path, line, mutated))
     case = make_case(np.random.default_rng(22), np.float16, groups=5)
     if message is None:
         [y], _ = emulate(exe, [case])

@@ -124,23 +124,12 @@ def logits_output(session) -> str:
     )
 
 
-def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    """Median wall time of ``repeat`` calls of ``fn``, after ``warmup`` untimed ones."""
+def round_robin(steps: list[Callable[[], object]], rounds: int, warmup: int = 1) -> list[float]:
+    """Median seconds of each callable in ``steps``, called in turn ``rounds`` times after
+    ``warmup`` untimed calls each (on a machine whose speed drifts, every step is slowed alike)."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def round_robin(steps: list[Callable[[], object]], rounds: int) -> list[float]:
-    """Median seconds of each callable in ``steps``, called in turn ``rounds`` times after one
-    warm-up call each (on a machine whose speed drifts, every step is slowed alike)."""
-    for step in steps:
-        step()
+        for step in steps:
+            step()
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(rounds):
         for step, t in zip(steps, times):
@@ -148,6 +137,11 @@ def round_robin(steps: list[Callable[[], object]], rounds: int) -> list[float]:
             step()
             t.append(time.perf_counter() - start)
     return [float(np.median(t)) for t in times]
+
+
+def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeat`` calls of ``fn``, after ``warmup`` untimed ones."""
+    return round_robin([fn], repeat, warmup)[0]
 
 
 def forward_ms(session, ids: np.ndarray, repeat: int = 5) -> float:

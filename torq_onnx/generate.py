@@ -64,10 +64,10 @@ class CachedDecoder:
     to the device of the session's first provider (ORT IOBinding) and the next pass binds
     those same values as its ``past_key_values.*``, so a CUDA session never copies the cache
     through host memory; only the logits are read on the host (one position's for a session
-    loaded with ``last_position_logits``, as :func:`generate` loads it). A CPU session is fed numpy
-    arrays (the cache is in host memory either way) unless ``bind_cache=True``, which runs the
-    binding code on the CPU, as the tests do; a session-like object without IOBinding
-    (e.g. :class:`~torq_onnx.runtime_ops.SplitSession`) is always fed numpy arrays.
+    loaded with ``last_position_logits``, as :func:`generate` loads it). A CPU session is fed
+    numpy arrays (the cache is in host memory either way) unless ``bind_cache=True``, which
+    runs the binding code on the CPU, as the tests do; a session-like object without
+    IOBinding (e.g. :class:`~torq_onnx.runtime_ops.SplitSession`) is always fed numpy arrays.
     """
 
     def __init__(self, session, bind_cache: bool | None = None) -> None:

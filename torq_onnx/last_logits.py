@@ -3,9 +3,9 @@
 Generation reads one row of the ``logits`` output, ``[batch, T, vocab]``, per pass: the last
 position's. A prefill of T prompt tokens still runs the LM head on all T positions, and a
 session bound on a GPU copies all of them to the host: at T = 512 on SmolLM2-135M that is
-96 MB of logits (tools/bench_prefill.py measures the time). ORT runs every node of a graph whatever
-outputs a run asks for, so the graph itself is changed, in memory: the LM head's input is
-sliced to its last position, and ``logits`` becomes ``[batch, 1, vocab]``.
+96 MB of logits (tools/bench_prefill.py measures the time). ORT runs every node of a graph
+whatever outputs a run asks for, so the graph itself is changed, in memory: the LM head's
+input is sliced to its last position, and ``logits`` becomes ``[batch, 1, vocab]``.
 
 Only the LM head's product is moved: the slice goes on the activation input of the MatMul
 that (through Cast or Identity nodes) produces ``logits``, which computes each position's
