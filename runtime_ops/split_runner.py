@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops.functions import IR_VERSION
-from torq_onnx.runtime_ops.providers import require_providers
+from torq_onnx.runtime_ops.providers import require_installed, require_providers
 from torq_onnx.runtime_ops.segments import OnlineOp, Segment, split_model
 
 Kernel = Callable[[object, OnlineOp], object]
@@ -175,8 +175,7 @@ class SplitSession:
         if device == "cuda":
             import cupy as cp
 
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise TorqError("device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            require_installed(["CUDAExecutionProvider"], "the split model (device='cuda')")
             with cp.cuda.Device(device_id):
                 self.stream = cp.cuda.Stream(non_blocking=True)
             options = {**(cuda_options or {}), "device_id": device_id, "user_compute_stream": str(self.stream.ptr)}
