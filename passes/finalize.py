@@ -81,6 +81,8 @@ def save_atomic(model: ir.Model, out_dir: Path, extras: dict[str, object] | None
     end, so a failure never leaves a half-written output.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TorqError(f"output folder {out_dir} exists and is a file")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from torq_onnx.atomic import replace_dir
+from torq_onnx.atomic import check_output_file, replace_dir
 from torq_onnx.errors import TorqError
 
 HERE = Path(__file__).parent
@@ -189,7 +189,7 @@ def build_library(cuda: bool = False, include: str | Path | None = None, kernel:
         if target.is_file():
             return target
     else:
-        target = Path(output)
+        target = check_output_file(output)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)

@@ -39,6 +39,8 @@ def _device_option():
 
 
 def _fail(exc: Exception) -> None:
+    """One line, exit 2. An OSError (disk full, no permission) prints as the system's own
+    message with the file it names."""
     err.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
 
@@ -91,7 +93,7 @@ def export(
                              plot_site=plot_site, output_guard=output_guard,
                              solver_options={"inter_min_spread": inter_min_spread, "intra_refine": intra_refine})
         path = run_export(model, out, opts, text_path=text, tokenizer_dir=tokenizer, dtype=dtype.value if dtype else None)
-    except (TorqError, ValueError) as exc:
+    except (TorqError, ValueError, OSError) as exc:
         _fail(exc)
     report = json.loads((path.parent / "report.json").read_text())
     s = report["summary"]
@@ -120,14 +122,16 @@ def eval_cmd(
     """Perplexity of MODEL_ONNX in ONNX Runtime on held-out text (strided windows)."""
     from torq_onnx.evaluate import evaluate_model
     from torq_onnx.runtime_ops.providers import device_providers
-    from torq_onnx.atomic import write_text_atomic
+    from torq_onnx.atomic import check_output_file, write_text_atomic
 
     try:
+        if json_out is not None:
+            check_output_file(json_out)  # before the evaluation, not after it
         res = evaluate_model(model_onnx, text, tokenizer, seq_len, stride, max_tokens, progress=not quiet, reference=reference,
                              providers=device_providers(device), custom_ops=custom_ops)
         if json_out is not None:
             write_text_atomic(json_out, json.dumps(res.as_dict(), indent=2))
-    except (TorqError, ValueError) as exc:
+    except (TorqError, ValueError, OSError) as exc:
         _fail(exc)
     Console().print(
         f"perplexity [bold]{res.perplexity:.3f}[/] over {res.scored_tokens} tokens "
@@ -158,7 +162,7 @@ def generate(
         res = run_generation(model_dir, prompt, SamplingOptions(max_new_tokens, temperature, top_p, seed),
                              providers=device_providers(device),
                              on_text=lambda piece: out.print(piece, end="", markup=False, soft_wrap=True), custom_ops=custom_ops)
-    except (TorqError, ValueError) as exc:
+    except (TorqError, ValueError, OSError) as exc:
         _fail(exc)
     out.print()
     err.print(f"prefill: {res.prompt_tokens} tokens, {res.prefill_tokens_per_second:.1f} tokens/s; "
@@ -189,7 +193,7 @@ def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx"
 
         check_onnx_file(model_onnx)
         m = onnx.load(str(model_onnx), load_external_data=False)
-    except TorqError as exc:
+    except (TorqError, OSError) as exc:
         _fail(exc)
     meta = {p.key: p.value for p in m.metadata_props}
     counts: dict[str, int] = {}
@@ -235,6 +239,6 @@ def build_ops(
                                       output=out)
         if genai is not None:
             path = bundle_custom_ops(genai, path)
-    except (TorqError, ValueError) as exc:
+    except (TorqError, ValueError, OSError) as exc:
         _fail(exc)
     Console(highlight=False, soft_wrap=True).print(str(path))  # a path to copy: never wrapped

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
 from torq_onnx import genai, heap, models, plots, text
+from torq_onnx.atomic import check_output_folder
 from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import (
@@ -199,11 +200,27 @@ def model_facts(model_ir: ir.Model, hf_dir: Path | None) -> dict:
     return facts
 
 
+def is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier torq-onnx export (its report.json names our
+    version), which a new export to the same folder may replace."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "torq_onnx_version" in report
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """``out_dir`` made absolute, once it is known that an export may be written there."""
+    return check_output_folder(out_dir, is_export_folder, "an earlier torq-onnx export")
+
+
 def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path, report: dict, opts: ExportOptions,
                  hf_dir: Path | None = None) -> Path:
     """Atomically write OUT/model.onnx, report.json, the two site plots and tokenizer/ (a copy
     of ``tokenizer_files``, a saved tokenizer); for a KV-cache decoder also genai_config.json
     and the tokenizer files beside model.onnx, so onnxruntime-genai can load OUT as it is."""
+    out_dir = check_out_dir(out_dir)  # again: the folder may have changed during the export
     site = plots.choose_site(report, opts.plot_site)
     pngs = plots.site_plots(site, opts.method)
     report["plots"] = {"site": site["activation"], "layers": site["layers"], "files": sorted(pngs)}
@@ -212,7 +229,7 @@ def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path,
     if config is not None:
         extras[genai.CONFIG_FILE] = config
         extras.update({f: (tokenizer_files / f).read_bytes() for f in genai.TOKENIZER_FILES if (tokenizer_files / f).is_file()})
-    return save_atomic(model_ir, Path(out_dir), extras)
+    return save_atomic(model_ir, out_dir, extras)
 
 
 def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | None = None,
@@ -221,12 +238,17 @@ def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = 
     default) -> OUT_DIR. ``dtype`` (fp32 | fp16) is the graph dtype of an HF or GGUF source."""
     opts = opts or ExportOptions()
     t0 = time.perf_counter()
+    # inputs and output checked first: a bad path must not cost a model conversion
+    out_dir = check_out_dir(out_dir)
+    calib_text = calibration_text(text_path)
+    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
+        raise TorqError(f"tokenizer folder not found: {tokenizer_dir}")
     src = models.resolve(model, dtype)
     try:
         with tempfile.TemporaryDirectory(prefix="torq-work-") as work:
             t_export = time.perf_counter() - t0
             tokenizer_files = Path(work) / "tokenizer"
-            ids = models.tokenize_isolated(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir, calibration_text(text_path), tokenizer_files)
+            ids = models.tokenize_isolated(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir, calib_text, tokenizer_files)
             model_ir = load_working_copy(src.onnx_path, Path(work))
             batches = calibration_windows(model_ir, ids, opts)
             t1 = time.perf_counter()

@@ -1,0 +1,118 @@
+"""Output paths: refused before any work when they cannot be written or when replacing them
+would destroy something that is not an earlier output; replaced safely when they can."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from torq_onnx import atomic, pipeline
+from torq_onnx.cli import app
+from torq_onnx.errors import TorqError
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Make any start of the expensive part of an export or an evaluation fail the test."""
+    import torq_onnx.evaluate as evaluate
+    import torq_onnx.models as models
+
+    monkeypatch.setattr(models, "resolve", lambda *a, **k: pytest.fail("the model was loaded despite a bad path"))
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: pytest.fail("the evaluation ran despite a bad path"))
+
+
+def tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def invoke(*args: str):
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    return " ".join(res.output.split())  # rich wraps long messages
+
+
+def test_a_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path, no_work):
+    victim = tmp_path / "project"
+    (victim / "src").mkdir(parents=True)
+    (victim / "src" / "notes.txt").write_text("not ours")
+    (victim / "report.json").write_text(json.dumps({"some": "other tool"}))
+    before = tree(victim)
+    out = invoke("export", "-o", str(victim))
+    assert "is not empty and is not an earlier torq-onnx export" in out
+    assert tree(victim) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temporary sibling either
+
+
+@pytest.mark.parametrize("where", [".", "..", "HERE"])
+def test_the_current_folder_and_its_ancestors_are_refused(tmp_path, monkeypatch, no_work, where):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "keep.txt").write_text("x")
+    monkeypatch.chdir(tmp_path / "work")
+    out = invoke("export", "-o", str(tmp_path / "work") if where == "HERE" else where)
+    assert "is the current folder or holds it" in out
+    assert (tmp_path / "work" / "keep.txt").read_text() == "x"
+
+
+def test_an_output_folder_that_is_a_file_or_under_one_is_refused(tmp_path, no_work):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "exists and is a file" in invoke("export", "-o", str(f))
+    assert f"{f} is a file, not a folder" in invoke("export", "-o", str(f / "out"))
+    assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nothing can be created")
+def test_an_unwritable_output_location_is_refused(no_work):
+    assert "cannot write in /proc" in invoke("export", "-o", "/proc/torq-out")
+    assert "cannot write in /proc" in invoke("eval", "some/model.onnx", "--json", "/proc/result.json")
+
+
+def test_eval_json_to_a_folder_is_refused_before_the_evaluation(tmp_path, no_work):
+    assert "is a folder: give the output a file name" in invoke("eval", "some/model.onnx", "--json", str(tmp_path))
+
+
+def test_bad_text_and_tokenizer_paths_are_refused_before_the_model_is_loaded(tmp_path, no_work):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "text file not found" in invoke("export", "-o", str(tmp_path / "o"), "--text", str(tmp_path / "none.txt"))
+    assert "text file is empty" in invoke("export", "-o", str(tmp_path / "o"), "--text", str(empty))
+    assert "tokenizer folder not found" in invoke("export", "-o", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_folder_or_an_earlier_export_may_be_replaced(tmp_path, exported_decoder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert pipeline.check_out_dir(empty) == empty
+    assert pipeline.check_out_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    earlier = exported_decoder.parent  # a real export's folder, so the marker cannot drift from what exports write
+    assert pipeline.is_export_folder(earlier)
+    assert pipeline.check_out_dir(earlier) == earlier
+    (empty / "report.json").write_text("{not json")
+    assert not pipeline.is_export_folder(empty)
+
+
+def test_replacing_a_link_to_an_export_keeps_the_folder_it_named(tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "model.onnx").write_text("old")
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    new = tmp_path / "staged"
+    new.mkdir()
+    (new / "model.onnx").write_text("new")
+    atomic.replace_dir(new, link)
+    assert not link.is_symlink() and (link / "model.onnx").read_text() == "new"
+    assert (target / "model.onnx").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]  # no stale link left behind
+
+
+def test_an_atomic_file_write_onto_a_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(TorqError, match="is a folder"):
+        atomic.write_text_atomic(tmp_path, "x")
+    assert list(tmp_path.iterdir()) == []
