@@ -84,6 +84,13 @@ def test_bad_text_and_tokenizer_paths_are_refused_before_the_model_is_loaded(tmp
     assert not (tmp_path / "o").exists()
 
 
+def test_a_missing_tokenizer_folder_is_named_not_taken_for_a_hub_id(tmp_path):
+    from torq_onnx.models import load_tokenizer
+
+    with pytest.raises(TorqError, match="tokenizer folder not found"):
+        load_tokenizer(tmp_path / "tok")
+
+
 def test_an_empty_folder_or_an_earlier_export_may_be_replaced(tmp_path, exported_decoder):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from torq_onnx.cli import app
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import save_atomic
-from torq_onnx.pipeline import ExportOptions, rewrite
+from torq_onnx.pipeline import ExportOptions, calibrate, rewrite
 
 from tiny_models import D, FF, VOCAB, batches, run, tiny_transformer
 
@@ -140,6 +140,16 @@ def test_nan_activations_are_a_clear_error():
     base.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((VOCAB, D), np.nan, np.float32), "emb"))
     with pytest.raises(TorqError, match="NaN/Inf in calibration activations at 'x'"):
         rewrite(ir.serde.deserialize_model(base), batches(), opts(method="torq"))
+
+
+@pytest.mark.parametrize("site, message", [("nope", "no rotation site named 'nope'"), ("99", "site index 99 out of range")])
+def test_an_unknown_plot_site_is_refused_before_calibration(site, message):
+    def windows():
+        pytest.fail("calibration started despite the bad --plot-site")
+        yield
+
+    with pytest.raises(TorqError, match=message):
+        calibrate(ir.serde.deserialize_model(tiny_transformer()), windows(), opts(method="brq", plot_site=site))
 
 
 def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):

@@ -256,9 +256,11 @@ def tokenize_isolated(tokenizer_dir: Path | None, text: str, save_dir: Path):
 
 
 def require_tokenizer_dir(tokenizer_dir: Path | None) -> Path:
-    """``tokenizer_dir``, or the error a model without a tokenizer gets."""
+    """``tokenizer_dir``, or the error a model without a tokenizer (or a missing folder) gets."""
     if tokenizer_dir is None:
         raise TorqError("no tokenizer found next to the model: pass --tokenizer DIR (a folder with tokenizer files)")
+    if not Path(tokenizer_dir).is_dir():  # else transformers would read the path as a hub repo id
+        raise TorqError(f"tokenizer folder not found: {tokenizer_dir}")
     return tokenizer_dir
 
 

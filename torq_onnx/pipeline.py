@@ -92,10 +92,12 @@ def _run(model: ir.Model, *passes) -> None:
 def calibrate(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: ExportOptions, n_batches: int | None = None) -> ExportContext:
     """Name nodes, find the rotation sites and calibrate them (the method-independent half)."""
     ctx = ExportContext()
+    _run(model, NameNodes(), FindLinearInputs(ctx, include_lm_head=opts.include_lm_head))
+    if opts.plot_site is not None:  # a site that does not exist fails now, not after the export's work
+        plots.choose_site({"sites": [{"activation": s.activation, "layers": [c.node_name for c in s.consumers]} for s in ctx.sites]},
+                          opts.plot_site)
     _run(
         model,
-        NameNodes(),
-        FindLinearInputs(ctx, include_lm_head=opts.include_lm_head),
         Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_capacity(), seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches),
                   hessian=opts.needs_hessian()),
     )
@@ -241,8 +243,8 @@ def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = 
     # inputs and output checked first: a bad path must not cost a model conversion
     out_dir = check_out_dir(out_dir)
     calib_text = calibration_text(text_path)
-    if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-        raise TorqError(f"tokenizer folder not found: {tokenizer_dir}")
+    if tokenizer_dir is not None:
+        models.require_tokenizer_dir(Path(tokenizer_dir))
     src = models.resolve(model, dtype)
     try:
         with tempfile.TemporaryDirectory(prefix="torq-work-") as work:
