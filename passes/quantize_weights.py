@@ -7,11 +7,10 @@ import onnx_ir as ir
 from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx import mxfp4, weights
+from torq_onnx.defaults import WEIGHT_MODES
 from torq_onnx.errors import TorqError
 from torq_onnx.passes.context import ExportContext, Site, add_initializer, node_by_name, read_weight, site_weights
 from torq_onnx.runtime_ops import DEQUANTIZE_WEIGHT, DOMAIN
-
-WEIGHT_MODES = ("mxfp4", "fake", "float")
 
 
 class QuantizeWeights(InPlacePass):

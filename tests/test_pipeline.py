@@ -243,3 +243,47 @@ def test_cli_inspect(tmp_path, method):
     else:  # torq: dense [B, B] factors of the sites' widths, nothing else (no weight scales)
         assert "identity" not in shapes and set(shapes.split(", ")) <= {f"{b}x{b}" for b in (D // 32, FF // 32)}, row
 
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "foo"}, "--method must be one of"),
+    ({"weights": "int4"}, "--weights must be one of"),
+    ({"scale_rule": "ceil"}, "--scale-rule must be one of"),
+    ({"weight_rounding": "awq"}, "--weight-rounding must be one of"),
+    ({"seq_len": 0}, "must be positive"),
+    ({"solver_options": {"intra_refin": False}}, "unknown solver option"),
+    ({"method": "wush", "output_guard": True}, "apply to --method torq only"),
+    ({"method": "brq", "solver_options": {"inter_min_spread": 20.0}}, "torq and torq-wush only"),
+    ({"calib_sampels": 8}, "unknown export option"),
+    ({"dtype": "bf16"}, "--dtype must be one of"),
+])
+def test_the_python_export_checks_its_options_before_any_work(tmp_path, monkeypatch, options, message):
+    import torq_onnx
+    import torq_onnx.models as models
+
+    monkeypatch.setattr(models, "resolve", lambda *a, **k: pytest.fail("the model was loaded despite a bad option"))
+    with pytest.raises(TorqError, match=message):
+        torq_onnx.export("smollm2-135m", tmp_path / "o", **options)
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_cli_choices_are_the_formats_own():
+    from typing import get_args
+
+    from torq_onnx import mxfp4
+    from torq_onnx.defaults import SCALE_RULES
+
+    assert SCALE_RULES == get_args(mxfp4.ScaleRule)
+
+
+def test_the_python_export_writes_what_the_cli_writes(tiny_llama_dir, tmp_path):
+    import torq_onnx
+
+    path = torq_onnx.export(tiny_llama_dir, tmp_path / "out", method="brq", weight_rounding="rtn", calib_samples=2, seq_len=32,
+                            progress=False)
+    report = json.loads((path.parent / "report.json").read_text())
+    assert path == tmp_path / "out" / "model.onnx"
+    assert report["options"]["method"] == "brq" and report["options"]["weight_rounding"] == "rtn"
+    assert report["calibration"] == {"windows": 2, "seq_len": 32, "text": report["calibration"]["text"]}
+    sess = torq_onnx.load_session(path)
+    assert "logits" in [o.name for o in sess.get_outputs()]

@@ -6,7 +6,27 @@ __version__ = "0.1.0"
 
 from torq_onnx.errors import TorqError
 
-__all__ = ["TorqError", "__version__", "load_session"]
+__all__ = ["TorqError", "__version__", "export", "load_session"]
+
+
+def export(model=None, out_dir="torq-out", *, text=None, tokenizer=None, dtype=None, **options):
+    """The Python form of ``torq-onnx export``: ``model`` (a packaged model name, a local HF
+    folder, a ``.gguf`` or ``.onnx`` file; None for the default) exported to ``out_dir``.
+    ``text``, ``tokenizer`` and ``dtype`` are the CLI's ``--text``, ``--tokenizer`` and
+    ``--dtype``; ``options`` are :class:`torq_onnx.pipeline.ExportOptions` fields, e.g.
+    ``method="torq", weight_rounding="rtn", calib_samples=32, progress=False``. Everything is
+    checked before any work; bad input raises a TorqError naming it. Returns the path of
+    ``out_dir/model.onnx``."""
+    from dataclasses import fields
+
+    from torq_onnx.pipeline import ExportOptions
+    from torq_onnx.pipeline import export as _export
+
+    known = [f.name for f in fields(ExportOptions)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TorqError(f"unknown export option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+    return _export(model, out_dir, ExportOptions(**options), text_path=text, tokenizer_dir=tokenizer, dtype=dtype)
 
 
 def load_session(path, providers=None, sess_options=None, custom_ops=None, last_position_logits=False):

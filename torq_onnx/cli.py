@@ -11,15 +11,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING, METHODS, SOURCE_DTYPES
+from torq_onnx.defaults import (
+    DEFAULT_METHOD,
+    DEFAULT_WEIGHT_ROUNDING,
+    METHODS,
+    SCALE_RULES,
+    SOURCE_DTYPES,
+    WEIGHT_MODES,
+    WEIGHT_ROUNDINGS,
+)
 from torq_onnx.errors import TorqError
 
 # typed choices: validated before any work starts, and listed by --help
 Method = Enum("Method", {m.replace("-", "_"): m for m in METHODS}, type=str)
-WeightRounding = Enum("WeightRounding", {"rtn": "rtn", "gptq": "gptq"}, type=str)
-ScaleRule = Enum("ScaleRule", {"floor": "floor", "even": "even", "rceil": "rceil"}, type=str)
+WeightRounding = Enum("WeightRounding", {r: r for r in WEIGHT_ROUNDINGS}, type=str)
+ScaleRule = Enum("ScaleRule", {r: r for r in SCALE_RULES}, type=str)
 SourceDtype = Enum("SourceDtype", {d: d for d in SOURCE_DTYPES}, type=str)
-WeightMode = Enum("WeightMode", {"mxfp4": "mxfp4", "fake": "fake", "float": "float"}, type=str)
+WeightMode = Enum("WeightMode", {m: m for m in WEIGHT_MODES}, type=str)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")
 err = Console(stderr=True)
@@ -81,12 +89,6 @@ def export(
     try:
         if activations not in ("mxfp4", "float"):
             raise TorqError(f"--activations must be mxfp4 or float, got {activations!r}")
-        if calib_samples < 1 or seq_len < 1:
-            raise TorqError("--calib-samples and --seq-len must be positive")
-        if method is not Method.torq and (output_guard or not intra_refine):
-            raise TorqError(f"--output-guard and --no-intra-refine apply to --method torq only (got --method {method.value})")
-        if method not in (Method.torq, Method.torq_wush) and inter_min_spread:
-            raise TorqError(f"--inter-min-spread applies to --method torq and torq-wush only (got --method {method.value})")
         opts = ExportOptions(method=method.value, calib_samples=calib_samples, seq_len=seq_len, weights=weights.value,
                              quantize_activations=activations == "mxfp4", scale_rule=scale_rule.value, progress=not quiet,
                              weight_rounding=weight_rounding.value, scale_search=scale_search, act_order=act_order,

@@ -19,7 +19,15 @@ from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
 from torq_onnx import genai, heap, models, plots, text
 from torq_onnx.atomic import check_output_folder
-from torq_onnx.defaults import DEFAULT_METHOD, DEFAULT_WEIGHT_ROUNDING
+from torq_onnx.defaults import (
+    DEFAULT_METHOD,
+    DEFAULT_WEIGHT_ROUNDING,
+    METHODS,
+    SCALE_RULES,
+    SOURCE_DTYPES,
+    WEIGHT_MODES,
+    WEIGHT_ROUNDINGS,
+)
 from torq_onnx.errors import TorqError
 from torq_onnx.passes import (
     Calibrate,
@@ -57,6 +65,24 @@ class ExportOptions:
     act_order: bool = True  # gptq: sweep MX blocks by input energy
 
     collect_hessian: bool = False  # collect the full input moments even if this export does not need them
+
+    def validate(self) -> None:
+        """Raise a TorqError naming the first bad option, as ``torq-onnx export`` spells it;
+        :func:`export` calls this before any work."""
+        for flag, value, allowed in (("--method", self.method, METHODS), ("--weights", self.weights, WEIGHT_MODES),
+                                     ("--scale-rule", self.scale_rule, SCALE_RULES),
+                                     ("--weight-rounding", self.weight_rounding, WEIGHT_ROUNDINGS)):
+            if value not in allowed:
+                raise TorqError(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.calib_samples < 1 or self.seq_len < 1:
+            raise TorqError("--calib-samples and --seq-len must be positive")
+        unknown = sorted(set(self.solver_options) - set(torq.SOLVER_OPTIONS))
+        if unknown:
+            raise TorqError(f"unknown solver option(s) {', '.join(unknown)}; the solver takes {', '.join(torq.SOLVER_OPTIONS)}")
+        if self.method != "torq" and (self.output_guard or not self.solver_options.get("intra_refine", True)):
+            raise TorqError(f"--output-guard and --no-intra-refine apply to --method torq only (got --method {self.method})")
+        if self.method not in ("torq", "torq-wush") and self.solver_options.get("inter_min_spread", 0.0):
+            raise TorqError(f"--inter-min-spread applies to --method torq and torq-wush only (got --method {self.method})")
 
     def reservoir_capacity(self) -> int:
         """Tokens kept per site: torq fits its intra-block rotation on them; the other methods
@@ -234,13 +260,18 @@ def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path,
     return save_atomic(model_ir, out_dir, extras)
 
 
-def export(model: str | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | None = None,
-           tokenizer_dir: str | None = None, dtype: str | None = None) -> Path:
+def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | None = None, text_path: str | Path | None = None,
+           tokenizer_dir: str | Path | None = None, dtype: str | None = None) -> Path:
     """``torq-onnx export``: MODEL (.onnx, .gguf, HF folder, packaged name, or None for the
     default) -> OUT_DIR. ``dtype`` (fp32 | fp16) is the graph dtype of an HF or GGUF source."""
     opts = opts or ExportOptions()
+    # paths as strings: they go into report.json as the user gave them
+    model, text_path, tokenizer_dir = (None if a is None else str(a) for a in (model, text_path, tokenizer_dir))
     t0 = time.perf_counter()
-    # inputs and output checked first: a bad path must not cost a model conversion
+    # options, inputs and output checked first: a mistake must not cost a model conversion
+    opts.validate()
+    if dtype not in (None, *SOURCE_DTYPES):
+        raise TorqError(f"--dtype must be one of {', '.join(SOURCE_DTYPES)}, got {dtype!r}")
     out_dir = check_out_dir(out_dir)
     calib_text = calibration_text(text_path)
     if tokenizer_dir is not None:

@@ -437,6 +437,7 @@ def solve_intra_block(
 
 
 # ---------------------------------------------------------------- methods
+SOLVER_OPTIONS = ("intra_init", "inter_block", "intra_refine", "inter_min_spread", "intra_error_guard")  # solve_rotation's tunables
 NEEDS_HESSIAN = ("wush", "torq-wush")  # methods that read the full D x D input moment and the weights
 FITS_ON_SAMPLES = ("torq",)  # methods whose solver fits token activations (the others only report on them)
 
