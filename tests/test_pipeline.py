@@ -236,13 +236,30 @@ def test_cli_inspect(tmp_path, method):
     res = CliRunner().invoke(app, ["inspect", str(path)], env={"COLUMNS": "200"})  # no wrapped cells
     assert res.exit_code == 0, res.output
     assert "TorqRotateQuantize" in res.output and "torq.method" in res.output
-    row = next(line for line in res.output.splitlines() if "R_inter shapes" in line)
-    shapes = row.split("R_inter shapes")[1].strip(" │|")
-    if method == "wush":
-        assert shapes == "1x1 (identity)", row
-    else:  # torq: dense [B, B] factors of the sites' widths, nothing else (no weight scales)
-        assert "identity" not in shapes and set(shapes.split(", ")) <= {f"{b}x{b}" for b in (D // 32, FF // 32)}, row
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in res.output.splitlines() if line.count("│") == 3}
+    shapes, intra = rows["R_inter shapes"], rows["R_intra shapes"]
+    if method == "wush":  # per-block transforms, no block mixing
+        assert shapes == "1x1 (identity)" and set(intra.split(", ")) <= {f"{b}x32x32" for b in (D // 32, FF // 32)}, rows
+    else:  # torq: dense [B, B] factors of the sites' widths, nothing else (no weight scales); one shared R_intra
+        assert "identity" not in shapes and set(shapes.split(", ")) <= {f"{b}x{b}" for b in (D // 32, FF // 32)}, rows
+        assert intra == "32x32", rows
+    assert rows["inputs"] == ", ".join(i.name for i in model.graph.inputs) and rows["outputs"] == "logits"
+    packed = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.name.endswith(("codes", "scales")))
+    assert packed > 0 and f"MXFP4 (codes and scales) {packed / 2**20:.1f} MiB" in rows["weights"], rows
+    assert rows["files"] == f"model.onnx {path.stat().st_size / 2**20:.1f} MiB"
 
+
+def test_inspect_names_external_weight_files_and_their_sizes(tmp_path):
+    from torq_onnx.summary import summarize
+
+    model = tiny_transformer()
+    onnx.save_model(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    rows = dict(summarize(tmp_path / "m.onnx"))
+    assert rows["files"] == (f"m.onnx {(tmp_path / 'm.onnx').stat().st_size / 2**20:.1f} MiB, "
+                             f"m.data {(tmp_path / 'm.data').stat().st_size / 2**20:.1f} MiB")
+    assert rows["weights"].startswith("float ") and "R_inter shapes" in rows and rows["R_inter shapes"] == "-"
+    (tmp_path / "m.data").unlink()
+    assert dict(summarize(tmp_path / "m.onnx"))["files"].endswith("m.data MISSING")
 
 
 @pytest.mark.parametrize("options, message", [

@@ -171,49 +171,21 @@ def generate(
               f"decode: {len(res.tokens)} tokens, {res.decode_tokens_per_second:.1f} tokens/s")
 
 
-def _is_one(tensor) -> bool:
-    """A [1, 1] initializer holding 1: the op's identity R_inter (no block mixing). Such a
-    tensor is always stored inline (4 bytes), so this reads no external data."""
-    from onnx import TensorProto, numpy_helper
-
-    inline = tensor.data_location != TensorProto.EXTERNAL
-    return list(tensor.dims) == [1, 1] and inline and numpy_helper.to_array(tensor).item() == 1.0
-
-
 @app.command()
-def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx")) -> None:
-    """Summarize the torq ops and rotations in an exported model."""
-    import onnx
-
-    from torq_onnx.runtime_ops import DOMAIN
-    from torq_onnx.runtime_ops.functions import ONLINE_OPS
+def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx (or any ONNX model)")) -> None:
+    """Summarize an ONNX model without loading its weights: the export's settings, the torq ops,
+    the transforms' shapes, inputs and outputs, weight sizes by kind, and its files."""
+    from torq_onnx.summary import summarize
 
     try:
-        if not model_onnx.is_file():
-            raise TorqError(f"no file at {model_onnx}")
-        from torq_onnx.models import check_onnx_file
-
-        check_onnx_file(model_onnx)
-        m = onnx.load(str(model_onnx), load_external_data=False)
-    except (TorqError, OSError) as exc:
+        rows = summarize(model_onnx)
+    except TorqError as exc:
         _fail(exc)
-    meta = {p.key: p.value for p in m.metadata_props}
-    counts: dict[str, int] = {}
-    for n in m.graph.node:
-        if n.domain == DOMAIN:
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
     table = Table(title=f"{model_onnx}")
     table.add_column("field")
     table.add_column("value")
-    for k, v in sorted(meta.items()):
+    for k, v in rows:
         table.add_row(k, v)
-    for k, v in sorted(counts.items()):
-        table.add_row(f"ops {DOMAIN}::{k}", str(v))
-    inits = {i.name: i for i in m.graph.initializer}
-    sites = [n for n in m.graph.node if n.domain == DOMAIN and n.op_type in ONLINE_OPS]
-    r_inters = [inits[n.input[1]] for n in sites if n.input[1] in inits]
-    sizes = sorted({"x".join(map(str, r.dims)) + (" (identity)" if _is_one(r) else "") for r in r_inters})
-    table.add_row("R_inter shapes", ", ".join(sizes) or "-")
     Console().print(table)
 
 
