@@ -7,6 +7,7 @@ from onnx_ir.passes import InPlacePass, PassResult
 
 from torq_onnx.errors import TorqError
 from torq_onnx.passes.context import Consumer, ExportContext, Site
+from torq_onnx.runtime_ops import DOMAIN
 
 
 def _weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:
@@ -40,7 +41,8 @@ def _feeds_graph_output(node: ir.Node, outs: set[int]) -> bool:
 class FindLinearInputs(InPlacePass):
     """Group linear layers by the activation they read; each group is one rotation site.
 
-    Requires: a model whose main graph has MatMul/Gemm nodes with 2-D constant weights.
+    Requires: a model whose main graph has MatMul/Gemm nodes with 2-D constant weights and
+    no torq ops (not an export already).
     Ensures: ``ctx.sites`` lists every site with hidden size D a multiple of 32, its
     consumers and their weight initializers (graph order); layers left out (LM head,
     D not a multiple of 32) are listed in ``ctx.skipped`` with the reason. Raises
@@ -82,6 +84,11 @@ class FindLinearInputs(InPlacePass):
         return PassResult(model, modified=False)
 
     def requires(self, model: ir.Model) -> None:
+        torq_ops = sorted({n.op_type for n in model.graph if n.domain == DOMAIN})
+        if torq_ops:  # its layers are already transformed and quantized: a second pass would quantize twice
+            method = model.metadata_props.get("torq.method")
+            raise TorqError(f"the model is already a torq-onnx export ({', '.join(torq_ops)}"
+                            f"{f'; method {method}' if method else ''}): export its float source instead")
         names = [n.name for n in model.graph]
         if len(set(names)) != len(names) or any(not n for n in names):
             raise TorqError("graph nodes need unique, non-empty names (run NameNodes first)")

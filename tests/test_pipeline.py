@@ -135,6 +135,13 @@ def test_hidden_size_not_multiple_of_32_is_a_clear_error():
         rewrite(ir.serde.deserialize_model(tiny_transformer(d=48, ff=72)), batches(), opts(method="rtn"))
 
 
+def test_an_export_is_refused_as_a_source():
+    model = ir.serde.deserialize_model(tiny_transformer())
+    rewrite(model, batches(), opts(method="wush"))
+    with pytest.raises(TorqError, match=r"already a torq-onnx export \(TorqDequantizeMXFP4, TorqRotateQuantize; method wush\)"):
+        rewrite(model, batches(), opts(method="wush"))
+
+
 def test_nan_activations_are_a_clear_error():
     base = tiny_transformer()
     base.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((VOCAB, D), np.nan, np.float32), "emb"))
