@@ -27,6 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
+from torq_onnx.last_logits import slice_logits_to_last_position
 from torq_onnx.runtime_ops.functions import IR_VERSION
 from torq_onnx.runtime_ops.providers import require_installed, require_providers
 from torq_onnx.runtime_ops.segments import OnlineOp, Segment, split_model
@@ -154,11 +155,13 @@ class SplitSession:
     values per segment (the baseline :mod:`~torq_onnx.runtime_ops.segments` improves on).
     ``io_binding=True`` runs CPU segments the CUDA way too (IOBinding, OrtValues between
     segments, kernel outputs bound by pointer), so CPU tests cover that code path.
+    ``last_position_logits=True``: ``logits`` are the last position's only, as for
+    :func:`~torq_onnx.runtime_ops.load_session` (generation's prefill).
     """
 
     def __init__(self, path_or_model, kernel: Kernel | None = None, device: str = "cpu", sess_options=None, device_id: int = 0,
                  cuda_options: dict | None = None, recompute: bool = True, shared_arena: bool | None = None,
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, last_position_logits: bool = False) -> None:
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -167,6 +170,11 @@ class SplitSession:
             raise TorqError("device='cuda' runs with IOBinding: io_binding=False is for CPU only")
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+        if last_position_logits:
+            if model is path_or_model:  # the caller's proto stays as it is
+                model, given = onnx.ModelProto(), model
+                model.CopyFrom(given)
+            slice_logits_to_last_position(model)
         self.device, self.device_id = device, device_id
         self.parts = split_model(model, recompute=recompute)
         self._inputs, self._outputs = _value_specs(model.graph.input), _value_specs(model.graph.output)

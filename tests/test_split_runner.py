@@ -56,6 +56,19 @@ def test_exported_hf_decoder_split_matches_the_whole_graph(exported_decoder):
     np.testing.assert_array_equal(plain, load_session(exported_decoder).run(None, feeds)[0])
 
 
+def test_split_session_computes_the_last_position_logits_only(exported_decoder):
+    ids = np.random.default_rng(1).integers(0, 50, 24).astype(np.int64)
+    feeds = calib.feeds_for_inputs(calib.input_specs(load_session(exported_decoder)), ids)
+    model = onnx.load(str(exported_decoder))
+    split = SplitSession(model, kernel=ort_function_kernel(), last_position_logits=True)
+    whole = load_session(exported_decoder, last_position_logits=True)
+    got, want = split.run(None, feeds), whole.run(None, feeds)
+    assert got[0].shape == (1, 1, 50)
+    for name, a, b in zip(split.outputs, got, want):  # the logits and the whole KV cache
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert [n.name for n in model.graph.node] == [n.name for n in onnx.load(str(exported_decoder)).graph.node]  # the caller's, unchanged
+
+
 def test_only_data_tensors_cross_segments(exported_decoder):
     """Dequantized weights and shape values are recomputed in the segment that reads them
     (ORT folds the one, the host computes the other), where the plain cut passes both."""
