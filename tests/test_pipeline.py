@@ -228,6 +228,17 @@ def test_cli_rejects_bad_choices_before_any_work(tmp_path, option, value, monkey
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_version_names_this_package_and_its_onnxruntime():
+    import onnxruntime
+
+    import torq_onnx
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0
+    out = res.output.strip()  # the onnxruntime distribution is onnxruntime or onnxruntime-gpu
+    assert out.startswith(f"torq-onnx {torq_onnx.__version__} (onnxruntime") and out.endswith(f" {onnxruntime.__version__})"), out
+
+
 def test_cli_help_lists_the_choices():
     res = CliRunner().invoke(app, ["export", "--help"])
     assert res.exit_code == 0

@@ -30,6 +30,30 @@ SourceDtype = Enum("SourceDtype", {d: d for d in SOURCE_DTYPES}, type=str)
 WeightMode = Enum("WeightMode", {m: m for m in WEIGHT_MODES}, type=str)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")
+
+
+def _dist_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from torq_onnx import __version__
+
+        ort = next((f"{d} {v}" for d in ("onnxruntime", "onnxruntime-gpu") if (v := _dist_version(d))), "no onnxruntime")
+        typer.echo(f"torq-onnx {__version__} ({ort})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version (and onnxruntime's) and exit")) -> None:
+    """TORQ rotations + MXFP4 quantization for ONNX models."""
 err = Console(stderr=True)
 
 
@@ -173,8 +197,10 @@ def generate(
 
 @app.command()
 def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx (or any ONNX model)")) -> None:
-    """Summarize an ONNX model without loading its weights: the export's settings, the torq ops,
-    the transforms' shapes, inputs and outputs, weight sizes by kind, and its files."""
+    """Summarize an ONNX model without loading its weights.
+
+    The export's settings, the torq ops, the transforms' shapes, inputs and outputs, weight
+    sizes by kind, and its files."""
     from torq_onnx.summary import summarize
 
     try:
@@ -202,9 +228,10 @@ def build_ops(
     genai: Optional[Path] = typer.Option(None, help="An export folder: copy the library into it and name it in its "
                                          "genai_config.json, so onnxruntime-genai runs the compiled ops"),
 ) -> None:
-    """Build the compiled torq custom-op library and print its path; load it with
-    SessionOptions.register_custom_ops_library(PATH), or pass --custom-ops to eval/generate,
-    or bundle it into an export for onnxruntime-genai with --genai OUT."""
+    """Build the compiled torq custom-op library and print its path.
+
+    Load it with SessionOptions.register_custom_ops_library(PATH), or pass --custom-ops to
+    eval/generate, or bundle it into an export for onnxruntime-genai with --genai OUT."""
     from torq_onnx.genai import bundle_custom_ops
     from torq_onnx.runtime_ops import compiled
 
