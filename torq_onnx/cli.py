@@ -30,6 +30,7 @@ SourceDtype = Enum("SourceDtype", {d: d for d in SOURCE_DTYPES}, type=str)
 WeightMode = Enum("WeightMode", {m: m for m in WEIGHT_MODES}, type=str)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TORQ rotations + MXFP4 quantization for ONNX models.")
+err = Console(stderr=True)
 
 
 def _dist_version(dist: str) -> str | None:
@@ -53,8 +54,7 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                        help="Print the version (and onnxruntime's) and exit")) -> None:
-    """TORQ rotations + MXFP4 quantization for ONNX models."""
-err = Console(stderr=True)
+    """Options before the command: --version."""
 
 
 def _custom_ops_option():
