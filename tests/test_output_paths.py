@@ -3,7 +3,12 @@ would destroy something that is not an earlier output; replaced safely when they
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +128,35 @@ def test_an_atomic_file_write_onto_a_folder_is_a_clear_error(tmp_path):
     with pytest.raises(TorqError, match="is a folder"):
         atomic.write_text_atomic(tmp_path, "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def terminated_export(tiny_llama_dir: Path, tmp_path: Path, entry: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``torq-onnx export`` through ``entry`` of torq_onnx.cli in a child process that sends
+    itself SIGTERM in the middle of the export, once its working copy is made."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = f"""
+import os, signal, sys, time
+import torq_onnx.pipeline as pipeline
+
+def terminated(*args, **kwargs):  # where calibration would start: the working copy exists
+    print(sorted(p for p in os.listdir({str(tmp)!r}) if p.startswith("torq-")), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)  # as `kill` or a CI timeout would
+    time.sleep(120)
+
+pipeline.calibration_windows = terminated
+sys.argv = ["torq-onnx", "export", {str(tiny_llama_dir)!r}, "-o", {str(tmp_path / "out")!r}, "--quiet"]
+from torq_onnx.cli import {entry}
+{entry}()
+"""
+    res = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(tmp)}, capture_output=True, text=True,
+                         timeout=600)
+    return res, tmp
+
+
+def test_a_terminated_export_leaves_no_temporary_folders_and_no_output(tiny_llama_dir, tmp_path):
+    res, tmp = terminated_export(tiny_llama_dir, tmp_path, "main")
+    assert res.returncode == 128 + signal.SIGTERM, res.stderr[-3000:]
+    assert any(name.startswith("torq-work-") for name in ast.literal_eval(res.stdout.splitlines()[0]))  # there was work to undo
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("torq-")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tmp"]  # no output, no temporary sibling

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -243,3 +244,18 @@ def build_ops(
     except (TorqError, ValueError, OSError) as exc:
         _fail(exc)
     Console(highlight=False, soft_wrap=True).print(str(path))  # a path to copy: never wrapped
+
+
+def _unwind_on_termination(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main() -> None:
+    """The ``torq-onnx`` command. SIGTERM and SIGHUP (a CI timeout, ``kill``, a container
+    stop, a closed terminal) unwind the program as Ctrl-C does, so the temporary folders an
+    export works in (a copy of the model each, 1.7 GB for SmolLM2 in all) are removed, the
+    conversion child process is stopped and no partial output is left; by default Python
+    would die on the spot and leave them all behind."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _unwind_on_termination)
+    app()
