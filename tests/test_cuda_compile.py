@@ -48,8 +48,9 @@ def test_cuda_sources_compile_without_warnings(tmp_path, source, arch):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch):
     """What the fused kernels' bandwidth rests on, checked without a GPU in the GPU builds' own
-    flags (cuda.IEEE_FLAGS): the 32-element arrays a thread keeps (inputs, outputs, a column of R_b) stay in registers (no stack frame, no
-    spills, no local memory), and x is read with 16-byte vector loads."""
+    flags (cuda.IEEE_FLAGS): the 32-element arrays a thread keeps (inputs, outputs, a column
+    of R_b) stay in registers (no stack frame, no spills, no local memory), and x is read with
+    16-byte vector loads."""
     report = sass_cost.ptxas_resources(sass_cost.compile_cubin(arch, tmp_path / "k.cubin"))
     ptx = subprocess.run([NVCC, "-ptx", f"-arch={arch}", *cuda.IEEE_FLAGS, f"-I{SRC}", "-o", "-", str(SRC / "mxfp4_quant.cu")],
                          capture_output=True, text=True, timeout=300).stdout
