@@ -239,6 +239,14 @@ def test_cli_version_names_this_package_and_its_onnxruntime():
     assert out.startswith(f"torq-onnx {torq_onnx.__version__} (onnxruntime") and out.endswith(f" {onnxruntime.__version__})"), out
 
 
+def test_python_m_torq_onnx_is_the_command():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "torq_onnx", "--version"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith("torq-onnx "), res.stderr
+
+
 def test_cli_help_lists_the_choices():
     res = CliRunner().invoke(app, ["export", "--help"])
     assert res.exit_code == 0
