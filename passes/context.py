@@ -52,6 +52,11 @@ class Site:
     def blocks(self) -> int:
         return self.d // 32
 
+    @property
+    def layers(self) -> list[str]:
+        """Its linear layers' node names: how report.json and ``--plot-site`` name them."""
+        return [c.node_name for c in self.consumers]
+
 
 @dataclass
 class ExportContext:

@@ -23,7 +23,7 @@ def site_report(site: Site, scale_rule: mxfp4.ScaleRule, output_errors: dict[str
     return {
         "activation": site.activation,
         "hidden_size": site.d,
-        "layers": [c.node_name for c in site.consumers],
+        "layers": site.layers,
         "calibration_tokens": site.stats.tokens,
         "block_variance_spread": {"before": torq.block_variance_spread(x), "after": torq.block_variance_spread(z)},
         "codebook_entropy_bits": {"before": torq.codebook_entropy(rows(x), scale_rule), "after": torq.codebook_entropy(rows(z), scale_rule)},

@@ -87,15 +87,10 @@ def load_session(path, providers=None, sess_options=None, custom_ops=None, last_
 def _last_position_model(path: Path, opts) -> bytes | None:
     """``path``'s graph with last-position logits, serialized, its external data (if any)
     read from beside ``path`` (``opts`` told where); None where the graph keeps its form."""
-    import onnx
-
-    from torq_onnx.errors import TorqError
     from torq_onnx.last_logits import slice_logits_to_last_position
+    from torq_onnx.models import check_onnx_file
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)  # external weights stay on disk
-    except Exception as exc:
-        raise TorqError(f"could not read ONNX model {path}: {exc}") from None
+    model = check_onnx_file(path)  # external weights stay on disk
     if not slice_logits_to_last_position(model):
         return None
     opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.resolve().parent))

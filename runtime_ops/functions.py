@@ -109,10 +109,15 @@ def make_dequantize_node(packed: str, scales: str, w: str, name: str | None = No
     return helper.make_node(DEQUANTIZE_WEIGHT, [packed, scales], [w], domain=DOMAIN, name=name)
 
 
+def default_opset(model: onnx.ModelProto, missing: int) -> int:
+    """The version of the default (ai.onnx) domain ``model`` imports; ``missing`` if none."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
+
+
 def attach_functions(model: onnx.ModelProto) -> None:
     """Add the torq functions and the ai.torq opset import to ``model`` (idempotent)."""
     present = {(fn.domain, fn.name) for fn in model.functions}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), STD_OPSET)
+    opset = default_opset(model, STD_OPSET)
     for fn in all_functions(opset):
         if (fn.domain, fn.name) not in present:
             model.functions.append(fn)

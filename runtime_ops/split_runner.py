@@ -27,7 +27,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from torq_onnx.errors import TorqError
-from torq_onnx.last_logits import slice_logits_to_last_position
 from torq_onnx.runtime_ops.functions import IR_VERSION
 from torq_onnx.runtime_ops.providers import require_installed, require_providers
 from torq_onnx.runtime_ops.segments import OnlineOp, Segment, split_model
@@ -171,6 +170,8 @@ class SplitSession:
         self.io_binding = device == "cuda" if io_binding is None else io_binding
         model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
         if last_position_logits:
+            from torq_onnx.last_logits import slice_logits_to_last_position  # imports runtime_ops: not at module level
+
             if model is path_or_model:  # the caller's proto stays as it is
                 model, given = onnx.ModelProto(), model
                 model.CopyFrom(given)

@@ -19,14 +19,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from torq_onnx.runtime_ops.functions import default_opset
+
 LOGITS = "logits"
 PASS_THROUGH = {"Cast", "Identity"}  # elementwise ops a logits chain may end with (e.g. a float16 graph's Cast)
 MIN_OPSET = 13  # Slice with negative axes and inputs for starts/ends/axes
 PREFIX = "torq_onnx_last_position"
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def lm_head_chain(graph: onnx.GraphProto) -> list[onnx.NodeProto] | None:
@@ -48,7 +46,7 @@ def slice_logits_to_last_position(model: onnx.ModelProto) -> bool:
     False (``model`` untouched) where the graph does not have the form this handles."""
     graph = model.graph
     outputs = {o.name: o for o in graph.output}
-    if LOGITS not in outputs or _default_opset(model) < MIN_OPSET:
+    if LOGITS not in outputs or default_opset(model, 0) < MIN_OPSET:
         return False
     chain = lm_head_chain(graph)
     if chain is None:

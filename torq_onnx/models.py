@@ -64,15 +64,17 @@ class SourceModel:
             work.cleanup()
 
 
-def check_onnx_file(path: Path) -> None:
-    """Raise a clear TorqError unless ``path`` holds an ONNX model with a graph (an empty or
-    foreign file can parse as an empty protobuf message, so parsing alone proves nothing)."""
+def check_onnx_file(path: Path) -> onnx.ModelProto:
+    """The model at ``path``, read without its external data; a clear TorqError unless it is
+    an ONNX model with a graph (an empty or foreign file can parse as an empty protobuf
+    message, so parsing alone proves nothing)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise TorqError(f"{path} is not a readable ONNX model ({type(exc).__name__})") from None
     if model.ir_version == 0 or not model.graph.node:
         raise TorqError(f"{path} is not a readable ONNX model (no IR version or no graph nodes; empty or truncated file?)")
+    return model
 
 
 @contextlib.contextmanager

@@ -120,8 +120,7 @@ def calibrate(model: ir.Model, batches: Iterable[dict[str, np.ndarray]], opts: E
     ctx = ExportContext()
     _run(model, NameNodes(), FindLinearInputs(ctx, include_lm_head=opts.include_lm_head))
     if opts.plot_site is not None:  # a site that does not exist fails now, not after the export's work
-        plots.choose_site({"sites": [{"activation": s.activation, "layers": [c.node_name for c in s.consumers]} for s in ctx.sites]},
-                          opts.plot_site)
+        plots.choose_site({"sites": [{"activation": s.activation, "layers": s.layers} for s in ctx.sites]}, opts.plot_site)
     _run(
         model,
         Calibrate(ctx, batches, reservoir_tokens=opts.reservoir_capacity(), seed=opts.seed, progress=_bar(opts.progress, "calibrate", n_batches),

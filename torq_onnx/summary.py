@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from torq_onnx.errors import TorqError
@@ -49,11 +48,7 @@ def summarize(path: Path) -> list[tuple[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise TorqError(f"no file at {path}")
-    check_onnx_file(path)
-    try:
-        m = onnx.load(str(path), load_external_data=False)
-    except OSError as exc:
-        raise TorqError(f"cannot read {path}: {exc}") from None
+    m = check_onnx_file(path)
     rows = sorted((p.key, p.value) for p in m.metadata_props)
     counts = Counter(n.op_type for n in m.graph.node if n.domain == DOMAIN)
     rows += [(f"ops {DOMAIN}::{op}", str(n)) for op, n in sorted(counts.items())]
