@@ -1,9 +1,10 @@
 """CUDA path of the online op, on device memory: a fused rotate-and-quantize kernel.
 
 ``R_intra`` (shared or per block) and the MXFP4 quantizer run in one pass over the tensor
-(``torq_block_rotate_quant``: x read once, y written once); a non-identity ``R_inter`` is one
-batched cuBLAS GEMM before it. CuPy is imported lazily; :func:`available` is False without a
-GPU, CuPy or a driver. :class:`RotateQuantizer` keeps one op's matrices on the device; the
+(``torq_block_rotate_quant``: x read once, y written once); a non-identity ``R_inter`` is
+mixed before it, by one batched cuBLAS GEMM or by the group-mixing kernel the compiled
+library runs (:data:`MIX_ROUTES`). CuPy is imported lazily; :func:`available` is False
+without a GPU, CuPy or a driver. :class:`RotateQuantizer` keeps one op's matrices on the device; the
 split runner (:mod:`torq_onnx.runtime_ops.split_runner`) calls it between ORT segments.
 """
 
@@ -48,6 +49,33 @@ ROTATE_KERNELS = {
     "warp": RotateKernel("torq_block_rotate_quant_warp", 256, 8, 128),  # TORQ_W_WARPS, TORQ_W_ROWS
 }
 DEFAULT_ROTATE_KERNEL = "thread"
+
+
+# How a non-identity R_inter is applied. "cublas": cupy.matmul's batched GEMM (cuBLAS picks
+# the summation order; TF32 where the process set CUPY_TF32=1). "fmaf": torq_group_mix, the
+# compiled library's kernel: each output the fmaf chain in h order that the CPU library
+# computes, so a split run gives the library's bits on either device, whatever CUPY_TF32 says.
+MIX_ROUTES = ("cublas", "fmaf")
+DEFAULT_MIX_ROUTE = "cublas"  # measured on an H100 (README); "fmaf" has run on the host emulator only
+MIX_KERNEL = "torq_group_mix"
+MIX_WARPS = 8  # TORQ_MIX_WARPS: warps of a CTA
+MIX_ROWS = 8  # TORQ_MIX_ROWS: rows g of R_inter each warp sums
+
+
+def mix_route(name: str) -> str:
+    """``name`` if it is one of :data:`MIX_ROUTES`, else a ValueError naming the choices."""
+    if name not in MIX_ROUTES:
+        raise ValueError(f"unknown mix route {name!r}; choose from {list(MIX_ROUTES)}")
+    return name
+
+
+def group_mix_launch(rows: int, groups: int, width: int) -> tuple[tuple[int, int], tuple[int]]:
+    """(grid, block) of torq_group_mix over ``rows`` tokens viewed as [groups, width]: a CTA
+    covers 32 (token, k) columns and MIX_WARPS x MIX_ROWS rows of R_inter."""
+    row_tiles = -(-groups // (MIX_WARPS * MIX_ROWS))
+    if row_tiles > MAX_GRID_Y:
+        raise ValueError(f"R_inter has {groups} groups, too many for the group-mixing kernel's grid")
+    return (-(-rows * width // 32), row_tiles), (MIX_WARPS * 32,)
 
 
 def rotate_kernel(name: str) -> RotateKernel:
@@ -169,37 +197,66 @@ def block_rotate_quantize(x, r_intra, scale_rule: str = "floor", rotated_out=Non
     return y
 
 
+def group_mix(x, r_inter):
+    """``R_inter X`` per token with the token viewed as [G, D/G] (G = r_inter's size), by
+    torq_group_mix; x: contiguous float32 CuPy [..., D], r_inter: contiguous float32 CuPy [G, G]."""
+    import cupy as cp
+
+    g = r_inter.shape[0]
+    if x.dtype != cp.float32 or not x.flags.c_contiguous or x.shape[-1] % g:
+        raise ValueError(f"x must be contiguous float32 [..., D] with D % {g} == 0, got {x.dtype} {x.shape}")
+    if r_inter.shape != (g, g) or r_inter.dtype != cp.float32 or not r_inter.flags.c_contiguous:
+        raise ValueError(f"r_inter must be contiguous float32 [G, G], got {r_inter.dtype} {r_inter.shape}")
+    out = cp.empty_like(x)
+    rows, width = x.size // x.shape[-1], x.shape[-1] // g
+    if rows:
+        grid, block = group_mix_launch(rows, g, width)
+        _kernel(MIX_KERNEL)(grid, block, (x, r_inter, out, np.int64(rows * width), np.int64(g), np.int64(width)))
+    return out
+
+
 class RotateQuantizer:
     """One TorqRotateQuantize op with its matrices on the GPU: ``y = MXFP4(R_inter X R_intra)``
     per token. An identity ``R_inter`` ([[1]] as exported for wush and brq, or eye(B)) is
-    skipped; any other [G, G] is one batched GEMM over the G groups of each token."""
+    skipped; any other [G, G] mixes the G groups of each token by the ``mix`` route (a key
+    of :data:`MIX_ROUTES`)."""
 
     def __init__(self, r_inter: np.ndarray, r_intra: np.ndarray, scale_rule: str = "floor",
-                 kernel: str = DEFAULT_ROTATE_KERNEL) -> None:
+                 kernel: str = DEFAULT_ROTATE_KERNEL, mix: str = DEFAULT_MIX_ROUTE) -> None:
         import cupy as cp
 
         rotate_kernel(kernel)  # fail at construction, not at the first call
+        mix_route(mix)
         r_inter = np.asarray(r_inter, np.float32)
         self.r_inter = None if np.array_equal(r_inter, np.eye(r_inter.shape[0], dtype=np.float32)) else cp.asarray(r_inter)
         self.r_intra = cp.ascontiguousarray(cp.asarray(r_intra, dtype=cp.float32))
         self.scale_rule = scale_rule
-        self.kernel = kernel
+        self.kernel, self.mix = kernel, mix
 
     def __call__(self, x, rotated_out=None):
         """x: CuPy [..., D] of any float dtype; returns MXFP4 values in x's dtype."""
         import cupy as cp
 
-        xf = cp.ascontiguousarray(x, dtype=cp.float32)
-        if self.r_inter is not None:
-            g = self.r_inter.shape[0]
-            groups = xf.reshape(-1, g, xf.shape[-1] // g)
-            xf = cp.matmul(self.r_inter, groups).reshape(xf.shape)
+        xf = self.mixed(cp.ascontiguousarray(x, dtype=cp.float32))
         y = block_rotate_quantize(xf, self.r_intra, self.scale_rule, rotated_out, self.kernel)
         return y.astype(x.dtype, copy=False)
 
+    def mixed(self, xf):
+        """``R_inter X`` per token for xf, contiguous float32 CuPy [..., D], by the mix route
+        (xf itself for an identity R_inter)."""
+        import cupy as cp
 
-def rotate_quantize(x, r_inter, r_intra, scale_rule: str = "floor", kernel: str = DEFAULT_ROTATE_KERNEL):
+        if self.r_inter is None:
+            return xf
+        if self.mix == "fmaf":
+            return group_mix(xf, self.r_inter)
+        g = self.r_inter.shape[0]
+        return cp.matmul(self.r_inter, xf.reshape(-1, g, xf.shape[-1] // g)).reshape(xf.shape)
+
+
+def rotate_quantize(x, r_inter, r_intra, scale_rule: str = "floor", kernel: str = DEFAULT_ROTATE_KERNEL,
+                    mix: str = DEFAULT_MIX_ROUTE):
     """The TorqRotateQuantize op on device memory; returns a CuPy array of x's dtype."""
     import cupy as cp
 
-    return RotateQuantizer(r_inter, r_intra, scale_rule, kernel)(cp.asarray(x))
+    return RotateQuantizer(r_inter, r_intra, scale_rule, kernel, mix)(cp.asarray(x))

@@ -1,8 +1,13 @@
-// MXFP4 (OCP MX v1.0) fake-quant of float32 rows of 32, one warp per block.
-// Bit-exact contract: torq_onnx.mxfp4.fake_quantize (floor/even/rceil via `bump`).
-// The per-block arithmetic lives in mxfp4_math.cuh (host-tested); this file only maps
-// blocks to warps: a butterfly reduction gives every lane the block's amax and NaN flag.
+// The online op's CUDA kernels, built by NVRTC for CuPy (torq_onnx.runtime_ops.cuda) and by
+// nvcc into the ORT custom-op library (ort_custom_ops_cuda.cu includes this file): the MXFP4
+// quantizer alone, the fused R_intra + quantizer in two thread mappings, and R_inter's group
+// mixing. Bit-exact contract: torq_onnx.mxfp4.fake_quantize (floor/even/rceil via `bump`) on
+// the rotated values, which are the fmaf chains of mxfp4_math.cuh (host-tested, and what the
+// CPU library computes); this file only maps the work to threads.
 #include "mxfp4_math.cuh"
+
+// MXFP4 (OCP MX v1.0) fake-quant of float32 rows of 32, one warp per block: a butterfly
+// reduction gives every lane the block's amax and NaN flag.
 
 extern "C" __global__ void mxfp4_fake_quant(const float* __restrict__ z, float* __restrict__ y,
                                             long long n_blocks, float bump) {
@@ -176,4 +181,80 @@ torq_block_rotate_quant_warp(const float* __restrict__ x, const float* __restric
             reinterpret_cast<float4*>(y)[off] = make_float4(o[0], o[1], o[2], o[3]);
         }
     }
+}
+
+// R_inter's mixing, a product out[n] = R X[n] per token with X[n] = x[n] viewed as [G, W]:
+// out[n, g, k] = sum_h R[g][h] x[n, h, k], each sum the fmaf chain over h = 0, 1, ..., G-1 of
+// mxfp4_math.cuh's torq_group_mix_element (the CPU library's order, so the bits are its bits).
+// A "column" is one (n, k); a CTA computes kMixWarps x kMixRows consecutive g for 32
+// consecutive columns, h in tiles of kMixChunk: the tile's x values (32 columns) and R values
+// (the CTA's rows) are staged in shared memory once and each is read by many sums, a lane
+// keeping kMixRows sums in registers. Per step h a lane issues one x load and two 16-byte R
+// loads (its warp's rows, one address for the whole warp) for kMixRows fmaf, and x leaves
+// global memory once per kMixWarps x kMixRows rows of R, where one thread per output read it
+// G times through the cache. Its launch (torq_onnx.runtime_ops.cuda.group_mix_launch, and
+// torq_cuda_rotate_quantize in the library): TORQ_MIX_WARPS x 32 threads, grid
+// (ceil(columns / 32), ceil(G / (TORQ_MIX_WARPS x TORQ_MIX_ROWS))).
+#define TORQ_MIX_WARPS 8  // warps of a CTA, each its own TORQ_MIX_ROWS rows of R
+#define TORQ_MIX_ROWS 8   // sums a lane keeps: TORQ_MIX_ROWS / 4 float4 of R per step
+constexpr int kMixWarps = TORQ_MIX_WARPS;
+constexpr int kMixRows = TORQ_MIX_ROWS;
+static_assert(kMixRows % 4 == 0, "R is staged as float4");
+constexpr int kMixChunk = 32;  // h per staged tile: one per lane when R is staged
+constexpr int kMixQuads = kMixWarps * kMixRows / 4;  // the CTA's float4 of R per h
+static_assert(kMixChunk % kMixWarps == 0 && kMixQuads % kMixWarps == 0, "the staging loops split evenly over the warps");
+
+extern "C" __global__ void __launch_bounds__(kMixWarps * 32)
+torq_group_mix(const float* __restrict__ x, const float* __restrict__ r, float* __restrict__ out, long long columns,
+               long long groups, long long width) {
+    __shared__ float xs[kMixChunk][32];                     // xs[h][lane] = x[n, h0 + h, k] of the lane's column
+    __shared__ float4 rs[kMixWarps][kMixChunk][kMixRows / 4];  // R[g][h0 + h] of warp w's rows g, 4 per float4
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long d = groups * width, c = (long long)blockIdx.x * 32 + lane;
+    const bool live = c < columns;
+    const float* xc = live ? x + (c / width) * d + c % width : x;  // x[n, 0, k]; the one division of the thread
+    const long long g_cta = (long long)blockIdx.y * kMixWarps * kMixRows, g_warp = g_cta + warp * kMixRows;
+    // what this thread stages, advanced a tile at a time: x[n, h0 + warp + j kMixWarps, k] and R[g][h0 + lane]
+    // for the rows g = g_cta + 4 (warp + j kMixWarps) + t (t < 4) of its float4s
+    const float* xt = xc + warp * width;
+    const long long x_step = kMixWarps * width;
+    const float* rt = r + (g_cta + 4 * warp) * groups + lane;
+    const long long r_step = 4 * kMixWarps * groups;
+    float acc[kMixRows] = {};
+    for (long long h0 = 0; h0 < groups; h0 += kMixChunk, xt += kMixChunk * width, rt += kMixChunk) {
+        const int chunk = groups - h0 < kMixChunk ? (int)(groups - h0) : kMixChunk;
+        __syncthreads();  // every lane is done with the previous tile
+#pragma unroll
+        for (int j = 0; j < kMixChunk / kMixWarps; ++j) {
+            const int h = warp + j * kMixWarps;
+            xs[h][lane] = live && h < chunk ? xt[j * x_step] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < kMixQuads / kMixWarps; ++j) {  // lane = h: a warp reads consecutive values of 4 rows of R
+            const int quad = warp + j * kMixWarps;       // the CTA's rows 4 quad .. 4 quad + 3
+            const long long g = g_cta + 4 * quad;
+            float v[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) v[t] = lane < chunk && g + t < groups ? rt[j * r_step + t * groups] : 0.f;
+            rs[quad / (kMixRows / 4)][lane][quad % (kMixRows / 4)] = make_float4(v[0], v[1], v[2], v[3]);
+        }
+        __syncthreads();
+        if (!live || g_warp >= groups) continue;  // this lane's sums are not stored (it still stages tiles)
+        for (int h = 0; h < chunk; ++h) {
+            const float xv = xs[h][lane];
+#pragma unroll
+            for (int q = 0; q < kMixRows / 4; ++q) {
+                const float4 rv = rs[warp][h][q];
+                acc[4 * q] = fmaf(rv.x, xv, acc[4 * q]);
+                acc[4 * q + 1] = fmaf(rv.y, xv, acc[4 * q + 1]);
+                acc[4 * q + 2] = fmaf(rv.z, xv, acc[4 * q + 2]);
+                acc[4 * q + 3] = fmaf(rv.w, xv, acc[4 * q + 3]);
+            }
+        }
+    }
+    if (!live) return;
+    float* oc = out + (xc - x);  // out[n, 0, k]
+#pragma unroll
+    for (int t = 0; t < kMixRows; ++t)
+        if (g_warp + t < groups) oc[(g_warp + t) * width] = acc[t];
 }

@@ -287,18 +287,22 @@ def _cupy_view(value):
     return cp.ndarray(shape, dtype=dtype, memptr=cp.cuda.MemoryPointer(mem, 0))
 
 
-def cupy_kernel(rotate_kernel: str | None = None) -> Kernel:
+def cupy_kernel(rotate_kernel: str | None = None, mix: str | None = None) -> Kernel:
     """The fused CUDA kernel, one :class:`~torq_onnx.runtime_ops.cuda.RotateQuantizer` (its
     matrices uploaded once) per site; takes an OrtValue or CuPy array, returns CuPy.
-    ``rotate_kernel``: a key of ``cuda.ROTATE_KERNELS`` (default ``cuda.DEFAULT_ROTATE_KERNEL``)."""
+    ``rotate_kernel``: a key of ``cuda.ROTATE_KERNELS`` (default ``cuda.DEFAULT_ROTATE_KERNEL``);
+    ``mix``: how a dense ``R_inter`` is applied, a key of ``cuda.MIX_ROUTES`` (default
+    ``cuda.DEFAULT_MIX_ROUTE``; ``"fmaf"`` gives the compiled library's bits)."""
     from torq_onnx.runtime_ops import cuda
 
+    rotate_kernel = rotate_kernel or cuda.DEFAULT_ROTATE_KERNEL
+    mix = cuda.mix_route(mix or cuda.DEFAULT_MIX_ROUTE)
+    cuda.rotate_kernel(rotate_kernel)  # a bad name fails here, not at the first site
     quantizers: dict[int, cuda.RotateQuantizer] = {}
 
     def run(x, op: OnlineOp):
         if id(op) not in quantizers:
-            quantizers[id(op)] = cuda.RotateQuantizer(op.r_inter, op.r_intra, op.scale_rule,
-                                                      rotate_kernel or cuda.DEFAULT_ROTATE_KERNEL)
+            quantizers[id(op)] = cuda.RotateQuantizer(op.r_inter, op.r_intra, op.scale_rule, rotate_kernel, mix)
         return quantizers[id(op)](x if hasattr(x, "get") else _cupy_view(x))
 
     return run

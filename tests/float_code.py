@@ -69,3 +69,27 @@ def sass_problem(op: str) -> str | None:
 def problems(ops: Counter[str], problem) -> dict[str, str]:
     """{opcode: why} for every opcode in ``ops`` that ``problem`` (ptx_problem, sass_problem) flags."""
     return {op: why for op in ops if (why := problem(op))}
+
+
+def ptx_functions(ptx: str) -> dict[str, str]:
+    """{name: body} of every kernel (.entry) in a PTX listing."""
+    return dict(re.findall(r"\.entry (\w+)\((.*?)\n}", ptx, flags=re.S))
+
+
+# ptxas lowers an integer division or remainder (PTX div.u64, rem.s32, ...) to an exact sequence
+# on the float units: the divisor converted rounding up, a reciprocal estimate, the quotient
+# estimate truncated back to an integer, then integer corrections.
+INTEGER_DIVISION_SASS = frozenset({"MUFU.RCP", "I2F.U32.RP", "I2F.U64.RP", "F2I.FTZ.U32.TRUNC.NTZ"})
+_PTX_INTEGER_DIVISION = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:div|rem)\.[us](?:16|32|64)\s", re.M)
+_PTX_FLOAT_RECIPROCAL = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:div|rcp|sqrt|rsqrt)\.[\w.]*f(?:16|32|64)\s", re.M)
+
+
+def sass_problems(sass: str, ptx: str) -> dict[str, str]:
+    """:func:`sass_problem`'s findings in one function's SASS, given that function's PTX. Where
+    the PTX divides integers and has no float division, reciprocal or square root, the
+    instructions of ptxas's integer division (:data:`INTEGER_DIVISION_SASS`) can only come
+    from it, so they are not findings there."""
+    found = problems(sass_float_ops(sass), sass_problem)
+    if _PTX_INTEGER_DIVISION.search(ptx) and not _PTX_FLOAT_RECIPROCAL.search(ptx):
+        found = {op: why for op, why in found.items() if op not in INTEGER_DIVISION_SASS}
+    return found

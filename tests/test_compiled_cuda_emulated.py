@@ -176,36 +176,16 @@ def test_group_mix_tiles_cover_every_shape(library, harness, groups, blocks):
     assert same(y, run(case.model, library, case.x))
 
 
-# The group-mixing kernel's two barriers, each as its exact line in ort_custom_ops_cuda.cu.
-MIX_BARRIERS = {
-    "tiles staged before they are read": "        __syncthreads();\n        if (!live || g_warp >= groups) continue;",
-    "tiles read before they are restaged": "        __syncthreads();  // every lane is done with the previous tile\n",
-}
-
-
 @pytest.mark.skipif(NO_TSAN is not None, reason=str(NO_TSAN))
-@pytest.mark.parametrize("barrier", [None, *sorted(MIX_BARRIERS)])
-def test_race_checker_on_the_group_mix_tiles(library, tmp_path, barrier):
-    """The host function under ThreadSanitizer (each CUDA thread a real thread): with the
-    source as it is, 40 groups (two tiles of h) run race-free and bit-identical to the CPU
-    library; with either barrier of the group-mixing kernel deleted, races on its shared
-    tiles (and only there) are reported and the run fails."""
-    source_dir = KERNELS
-    if barrier is not None:
-        line = MIX_BARRIERS[barrier]
-        source_dir = mutated_source(tmp_path, line, line.replace("__syncthreads();", "", 1))
-    exe = build(tmp_path / "library_harness", "thread", source_dir=source_dir, sanitize=TSAN)
+def test_host_function_runs_race_free(library, tmp_path):
+    """The host function under ThreadSanitizer (each CUDA thread a real thread): 40 groups
+    (two tiles of h in the group-mixing kernel) run race-free and bit-identical to the CPU
+    library. (That the checker catches a missing barrier of the kernel is
+    test_cuda_emulated's test_race_checker_reports_a_missing_barrier.)"""
+    exe = build(tmp_path / "library_harness", "thread", sanitize=TSAN)
     case = make_case(np.random.default_rng(31), groups=40, rows=40)
-    if barrier is None:
-        [y], _ = emulate(exe, [case])
-        assert same(y, run(case.model, library, case.x))
-        return
-    res = invoke(exe, [case])
-    report = res.stderr.decode()
-    assert res.returncode != 0 and "ThreadSanitizer: data race" in report, report[-2000:]
-    places = set(re.findall(r"Location is global '[^']*torq_group_mix[^']*::(\w+)'", report))
-    assert places and places <= {"xs", "rs"}, report[-2000:]
-    assert len(re.findall(r"Location is global", report)) == len(re.findall(r"Location is global '[^']*torq_group_mix", report))
+    [y], _ = emulate(exe, [case])
+    assert same(y, run(case.model, library, case.x))
 
 
 # Bugs the emulation must catch, each as (the line in ort_custom_ops_cuda.cu, its mutation,
@@ -214,7 +194,7 @@ MUTATIONS = {
     "host R_inter handed to the kernel": (
         "(src, r_dev, xf, columns,", "(src, r_inter, xf, columns,", "a kernel argument points to host memory"),
     "a kernel launched on another stream": (
-        "TORQ_LAUNCH(torq_group_mix, grid, kMixWarps * 32, stream)", "TORQ_LAUNCH(torq_group_mix, grid, kMixWarps * 32, nullptr)",
+        "TORQ_LAUNCH(torq_group_mix, grid, TORQ_MIX_WARPS * 32, stream)", "TORQ_LAUNCH(torq_group_mix, grid, TORQ_MIX_WARPS * 32, nullptr)",
         "enqueued on a stream other than the op's"),
     "scratch sized short": ("    if (s.half) l.y = take(total);\n", "    if (s.half) l.y = take(total / 2);\n", "heap-buffer-overflow"),
     "y's float32 view left unconverted": (

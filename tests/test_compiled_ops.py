@@ -229,14 +229,16 @@ def test_cuda_library_compiles_without_warnings(library, kernel, tmp_path):
         # the fused kernel's fmaf chain and quantizer, and __float2half_rn's rounding
         assert {"fma.rn.f32", "mul.rn.f32", "cvt.rni.f32.f32", "cvt.rn.f16.f32"} <= set(ptx), sorted(ptx)
         assert float_code.problems(ptx, float_code.ptx_problem) == {}
-        # the machine code of mxfp4_quant.cu's kernels (the group-mixing kernel's integer
-        # division brings exact uses of MUFU.RCP, which the SASS reader does not tell apart)
-        kernels = [(name, float_code.sass_float_ops(body)) for name, body in float_code.sass_functions(cuobjdump(out, "-sass"))
-                   if name in NVRTC_KERNELS]
+        # the machine code of mxfp4_quant.cu's kernels, each read beside its PTX (the
+        # group-mixing kernel's integer division is lowered with exact uses of MUFU.RCP)
+        kernel_ptx = float_code.ptx_functions(cuobjdump(out, "-ptx"))
+        kernels = [(name, body) for name, body in float_code.sass_functions(cuobjdump(out, "-sass")) if name in NVRTC_KERNELS]
         assert sorted(name for name, _ in kernels) == sorted(NVRTC_KERNELS * len(compiled.DEFAULT_CUDA_ARCHS))
-        for name, ops in kernels:
-            assert {"FMUL", "FRND"} <= set(ops) and ("FFMA" in ops or name == "mxfp4_fake_quant"), (name, sorted(ops))
-            assert float_code.problems(ops, float_code.sass_problem) == {}, name
+        for name, body in kernels:
+            ops = float_code.sass_float_ops(body)
+            want = {"mxfp4_fake_quant": {"FMUL", "FRND"}, cuda.MIX_KERNEL: {"FFMA"}}.get(name, {"FFMA", "FMUL", "FRND"})
+            assert want <= set(ops), (name, sorted(ops))
+            assert float_code.sass_problems(body, kernel_ptx[name]) == {}, name
 
 
 @pytest.mark.gpu
@@ -263,6 +265,27 @@ def test_cuda_session_matches_the_cpu_library_bit_for_bit(library, tmp_path):
         model = op_model(4096, op, r_inter=ri, r_intra=(rng.standard_normal((32, 32)) / 6).astype(np.float32))
         gpu = session(model, lib, provider="CUDAExecutionProvider")
         assert same(gpu.run(None, {"x": x})[0], run(model, library, x)), ("D=4096", op)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU with cupy")
+@pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
+def test_cupy_route_with_the_fmaf_mix_gives_the_cpu_library_bits(library, kernel):
+    """On a GPU: the CuPy route (what SplitSession runs) with ``mix="fmaf"``, the library's
+    group-mixing kernel before either fused kernel, gives the CPU library's bits for a dense
+    R_inter: the rotated values (TorqRotate) and the quantized ones, [8, 8] with per-block
+    R_intra and a torq site's [128, 128] at D = 4096 with a shared one."""
+    import cupy as cp
+
+    rng = np.random.default_rng(11)
+    for d, groups, per_block in ((256, 8, True), (4096, 128, False)):
+        x = (rng.standard_normal((1029, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
+        ri = np.linalg.qr(rng.standard_normal((groups, groups)))[0].astype(np.float32)
+        rk = (rng.standard_normal((d // 32, 32, 32) if per_block else (32, 32)) / 6).astype(np.float32)
+        z = cp.full(x.shape, cp.nan, dtype=cp.float32)
+        y = cuda.RotateQuantizer(ri, rk, kernel=kernel, mix="fmaf")(cp.asarray(x), rotated_out=z)
+        assert same(z.get(), run(op_model(d, F.ROTATE, r_inter=ri, r_intra=rk), library, x)), (d, "rotated")
+        assert same(y.get(), run(op_model(d, F.ROTATE_QUANTIZE, r_inter=ri, r_intra=rk), library, x)), (d, "quantized")
 
 
 def concurrent_runs(sess: ort.InferenceSession, xs: list[np.ndarray]) -> list[np.ndarray]:

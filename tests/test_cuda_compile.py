@@ -63,11 +63,13 @@ def test_fused_kernels_stay_in_registers_and_load_16_bytes_a_lane(tmp_path, arch
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_group_mix_kernel_keeps_its_sums_in_registers(tmp_path, arch):
-    """The library's group-mixing kernel, built as the library builds it: its kMixRows sums
-    and staging pointers stay in registers (no stack frame, no spills) and its tiles are in
-    shared memory."""
-    report = sass_cost.ptxas_resources(sass_cost.compile_cubin(arch, tmp_path / "k.cubin", sass_cost.LIBRARY_SRC, library=True))
+@pytest.mark.parametrize("library", [False, True], ids=["mxfp4_quant.cu", "ort_custom_ops_cuda.cu"])
+def test_group_mix_kernel_keeps_its_sums_in_registers(tmp_path, arch, library):
+    """The group-mixing kernel, built as the CuPy route builds it and as the library does
+    (with its defines): its TORQ_MIX_ROWS sums and staging pointers stay in registers (no
+    stack frame, no spills) and its tiles are in shared memory."""
+    source = SRC / ("ort_custom_ops_cuda.cu" if library else "mxfp4_quant.cu")
+    report = sass_cost.ptxas_resources(sass_cost.compile_cubin(arch, tmp_path / "k.cubin", source, library=library))
     [r] = [r for name, r in report.items() if sass_cost.MIX_KERNEL in name]
     assert (r.stack, r.spill_stores, r.spill_loads) == (0, 0, 0) and r.smem > 0, r
 

@@ -155,14 +155,77 @@ def test_a_wrong_launch_shape_is_caught(harness):
     assert same(y[:, :256], want[:, :256]) and not same(y[:, 256:], want[:, 256:])
 
 
-# The barriers the fused kernels need, each as its exact line in mxfp4_quant.cu, with the kernel
-# (a key of cuda.ROTATE_KERNELS) and the shared array it orders.
+def group_mix(harness: Path, x: np.ndarray, r_inter: np.ndarray, grid: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(torq_group_mix's output, torq_group_mix_element's chain per output) for x [rows, D]
+    mixed by r_inter [G, G], launched as cuda.group_mix does (or on ``grid``)."""
+    rows, g = x.shape[0], r_inter.shape[0]
+    width = x.shape[1] // g
+    launch_grid, (threads,) = cuda.group_mix_launch(rows, g, width)
+    gx, gy = grid or launch_grid
+    out = run(harness, [cuda.MIX_KERNEL, gx, gy, threads, rows, g, width], x.tobytes() + r_inter.tobytes(), 2 * x.size)
+    return out[: x.size].reshape(x.shape), out[x.size:].reshape(x.shape)
+
+
+def mix_case(rows: int, groups: int, width: int, seed: int = 11) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, groups * width)) * np.exp(rng.standard_normal(groups * width))).astype(np.float32)
+    x[3 % rows, 0] = np.nan  # spreads to the token's column k = 0 of every group
+    return x, np.linalg.qr(rng.standard_normal((groups, groups)))[0].astype(np.float32)
+
+
+@pytest.mark.parametrize(("rows", "groups", "width"), [(37, 2, 80), (37, 10, 16), (37, 40, 4), (37, 160, 1), (5, 18, 32),
+                                                       (3, 72, 32), (9, 130, 32)])
+def test_group_mix_kernel_as_cupy_launches_it_is_the_fmaf_chain(harness, rows, groups, width):
+    """torq_group_mix on the grid cuda.group_mix_launch computes (the CuPy route's
+    ``mix="fmaf"``) gives, for every output, the fmaf chain in h order that the CPU library
+    computes, bit for bit: a warp's columns spanning two tokens (width 80), partial tiles of
+    h (G = 10, 40, 130), idle warps (G = 18: SmolLM2's 576 / 32) and rows of R past the last
+    CTA's (G = 130: three CTAs of 64 rows), 160 groups of width 1, a partial last CTA of
+    columns, and a NaN that spreads along its column."""
+    x, r = mix_case(rows, groups, width)
+    got, want = group_mix(harness, x, r)
+    assert same(got, want)
+    assert np.isnan(got[3 % rows].reshape(groups, width)[:, 0]).all() and np.isfinite(np.delete(got, 3 % rows, 0)).all()
+    ok = np.isfinite(want)
+    exact = np.einsum("gh,nhk->ngk", r.astype(np.float64), x.reshape(rows, groups, width).astype(np.float64)).reshape(x.shape)
+    np.testing.assert_allclose(got[ok], exact[ok], rtol=1e-4, atol=1e-5 * np.abs(exact[ok]).max())
+
+
+def test_a_short_group_mix_grid_is_caught(harness):
+    """The check above can fail: a grid one column tile or one row tile short leaves outputs
+    unwritten (the harness poisons them with NaN)."""
+    x, r = mix_case(9, 130, 32)
+    (gx, gy), _ = cuda.group_mix_launch(9, 130, 32)
+    for grid in ((gx - 1, gy), (gx, gy - 1)):
+        got, want = group_mix(harness, x, r, grid)
+        assert not same(got, want)
+
+
+def test_launch_geometry_in_python_is_the_sources(tmp_path):
+    """cuda.py's launch constants are the #defines the kernels are written for (a mismatch
+    would launch a grid the kernel does not cover, or threads it does not expect)."""
+    source = (KERNELS / "mxfp4_quant.cu").read_text()
+    defines = {k: int(v) for k, v in re.findall(r"^#define (TORQ_\w+) (\d+)", source, re.M)}
+    warp = cuda.ROTATE_KERNELS["warp"]
+    assert (defines["TORQ_MIX_WARPS"], defines["TORQ_MIX_ROWS"]) == (cuda.MIX_WARPS, cuda.MIX_ROWS)
+    assert (defines["TORQ_W_WARPS"] * 32, defines["TORQ_W_WARPS"], defines["TORQ_W_ROWS"]) == (
+        warp.threads, warp.blocks_per_cta, warp.rows_per_cta)
+    assert re.search(rf"__launch_bounds__\({cuda.ROTATE_KERNELS['thread'].threads}\)\s*torq_block_rotate_quant\(", source)
+
+
+# The barriers the kernels need, each as its exact line in mxfp4_quant.cu, with the kernel (a key
+# of cuda.ROTATE_KERNELS, or "mix": torq_group_mix), the shared array it orders and others a
+# missing one may expose too (the warp kernel's two barriers a step order both of its tiles).
 BARRIERS = {
-    "thread kernel: R_b staged before use": ("thread", "rs", "    __syncthreads();\n"),
+    "thread kernel: R_b staged before use": ("thread", ("rs",), "    __syncthreads();\n    long long n ="),
     "warp kernel: tile stored before it is read": (
-        "warp", "tile", "        tile[warp][lane] = next;\n        __syncwarp();\n"),
+        "warp", ("tile", "ztile"), "        tile[warp][lane] = next;\n        __syncwarp();\n"),
     "warp kernel: z tile stored before it is read": (
-        "warp", "ztile", "        for (int k = 0; k < TORQ_W_STEP; ++k) zrow[k * 32 + lane] = z[k];\n        __syncwarp();\n"),
+        "warp", ("ztile", "tile"), "        for (int k = 0; k < TORQ_W_STEP; ++k) zrow[k * 32 + lane] = z[k];\n        __syncwarp();\n"),
+    "group mix: tiles staged before they are read": (
+        "mix", ("xs", "rs"), "        __syncthreads();\n        if (!live || g_warp >= groups) continue;"),
+    "group mix: tiles read before they are restaged": (
+        "mix", ("xs", "rs"), "        __syncthreads();  // every lane is done with the previous tile\n"),
 }
 
 
@@ -172,21 +235,28 @@ def test_race_checker_reports_a_missing_barrier(barrier, tmp_path):
     """The ThreadSanitizer build can fail: with one barrier deleted from the kernel source, the
     race on that kernel's shared memory is reported (and the run fails) although the output
     may still come out right on the host."""
-    kernel, array, line = BARRIERS[barrier]
+    kernel, arrays, line = BARRIERS[barrier]
     source = (KERNELS / "mxfp4_quant.cu").read_text()
     assert source.count(line) == 1, f"the barrier line is no longer in mxfp4_quant.cu: {line!r}"
     without = re.sub(r"__sync(threads|warp)\(\);.*", "", line)  # the barrier call and its comment
     assert without != line
     (tmp_path / "mxfp4_quant.cu").write_text(source.replace(line, without))
     exe = build_harness(tmp_path / "kernel_harness", *TSAN, kernel_dir=tmp_path)
-    rng = np.random.default_rng(10)
-    x = rng.standard_normal((133, 32 * 5)).astype(np.float32)
-    r = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
-    res = subprocess.run([str(exe), *map(str, rotate_args(cuda.ROTATE_KERNELS[kernel], x, r, "floor"))], input=x.tobytes() + r.tobytes(),
-                         capture_output=True, timeout=300)
+    if kernel == "mix":  # 40 groups: two tiles of h, so a tile is restaged
+        x, r = mix_case(40, 40, 4)
+        (gx, gy), (threads,) = cuda.group_mix_launch(40, 40, 4)
+        args = [cuda.MIX_KERNEL, gx, gy, threads, 40, 40, 4]
+    else:
+        rng = np.random.default_rng(10)
+        x = rng.standard_normal((133, 32 * 5)).astype(np.float32)
+        r = (rng.standard_normal((32, 32)) / np.sqrt(32)).astype(np.float32)
+        args = rotate_args(cuda.ROTATE_KERNELS[kernel], x, r, "floor")
+    res = subprocess.run([str(exe), *map(str, args)], input=x.tobytes() + r.tobytes(), capture_output=True, timeout=300)
     report = res.stderr.decode()
     assert res.returncode != 0 and "ThreadSanitizer: data race" in report, report[-2000:]
-    assert f"::{array}" in report, report[-2000:]  # the race is on that kernel's shared array
+    # the race is on that barrier's shared array, and any other only on that kernel's arrays
+    places = set(re.findall(r"Location is global '[^']*::(\w+)'", report))
+    assert arrays[0] in places and places <= set(arrays), (places, report[-2000:])
 
 
 def test_a_barrier_some_threads_never_reach_is_reported_not_hung(tmp_path):
@@ -194,7 +264,7 @@ def test_a_barrier_some_threads_never_reach_is_reported_not_hung(tmp_path):
     lanes that wait at __syncthreads for lane 0."""
     kernel, _, line = BARRIERS["thread kernel: R_b staged before use"]
     source = (KERNELS / "mxfp4_quant.cu").read_text()
-    (tmp_path / "mxfp4_quant.cu").write_text(source.replace(line, "    if (threadIdx.x == 0) __syncwarp(); else __syncthreads();\n"))
+    (tmp_path / "mxfp4_quant.cu").write_text(source.replace(line, line.replace("__syncthreads();", "if (threadIdx.x == 0) __syncwarp(); else __syncthreads();")))
     exe = build_harness(tmp_path / "kernel_harness", kernel_dir=tmp_path)
     x = np.zeros((4, 32), np.float32)
     r = np.eye(32, dtype=np.float32)

@@ -14,6 +14,7 @@ from torq_onnx.runtime_ops.nvidia_wheels import can_disassemble, cuobjdump
 
 import float_code
 from nvrtc_ctypes import Nvrtc, find_library
+from test_cuda_nvrtc import KERNELS as NVRTC_KERNELS
 
 LIBRARY = find_library()
 pytestmark = pytest.mark.skipif(LIBRARY is None, reason="no NVRTC library (pip install nvidia-cuda-nvrtc, in the dev extra)")
@@ -47,11 +48,24 @@ def test_session_ptx_asks_for_exact_ieee_operations_only(arch):
 @needs_cuobjdump
 @pytest.mark.parametrize("arch", ARCHS)
 def test_session_machine_code_runs_exact_ieee_operations_only(arch, tmp_path):
-    """The SASS ptxas makes of that PTX: what the GPU runs."""
+    """The SASS ptxas makes of that PTX, kernel by kernel: what the GPU runs. The group-mixing
+    kernel's one integer division (a column's token) is lowered to exact code that uses the
+    special-function unit's reciprocal, which its PTX shows to be all it is."""
     sass = session_sass(arch, tmp_path)
     ops = float_code.sass_float_ops(sass)
     assert SASS_ARITHMETIC <= set(ops), sorted(ops)
-    assert float_code.problems(ops, float_code.sass_problem) == {}
+    functions, ptx = dict(float_code.sass_functions(sass)), float_code.ptx_functions(session_ptx(arch))
+    assert set(functions) == set(ptx) == set(NVRTC_KERNELS), (sorted(functions), sorted(ptx))
+    for name, body in functions.items():
+        assert float_code.sass_problems(body, ptx[name]) == {}, name
+
+
+def test_the_integer_division_allowance_needs_the_ptx_to_show_it():
+    """Without an integer division in the PTX, or beside a float one, MUFU.RCP is a finding."""
+    sass = "/*0010*/ MUFU.RCP R1, R2 ;\n/*0020*/ I2F.U32.RP R3, R4 ;"
+    assert float_code.sass_problems(sass, "div.u64 %rd1, %rd2, %rd3;") == {}
+    assert set(float_code.sass_problems(sass, "mul.lo.s64 %rd1, %rd2, %rd3;")) == {"MUFU.RCP", "I2F.U32.RP"}
+    assert set(float_code.sass_problems(sass, "rem.s64 %rd1, %rd2, %rd3;\n div.rn.f32 %f1, %f2, %f3;")) == {"MUFU.RCP", "I2F.U32.RP"}
 
 
 def test_fast_math_is_caught_in_ptx_and_sass(monkeypatch, tmp_path):

@@ -14,7 +14,7 @@ from nvrtc_ctypes import Nvrtc, find_library
 
 LIBRARY = find_library()
 pytestmark = pytest.mark.skipif(LIBRARY is None, reason="no NVRTC library (pip install nvidia-cuda-nvrtc, in the dev extra)")
-KERNELS = ["mxfp4_fake_quant", *(k.name for k in cuda.ROTATE_KERNELS.values())]
+KERNELS = ["mxfp4_fake_quant", *(k.name for k in cuda.ROTATE_KERNELS.values()), cuda.MIX_KERNEL]
 
 
 @pytest.mark.parametrize("arch", ["sm_75", "sm_80", "sm_90"])

@@ -125,3 +125,14 @@ def test_shape_values_are_shapes_and_never_weight_rows():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     constant, shape = recomputable_values(graph, _value_types(model))
     assert shape == {"s", "n", "n1"} and constant == {"c"}
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"rotate_kernel": "block"}, r"unknown kernel 'block'; choose from \['thread', 'warp'\]"),
+                                                 ({"mix": "tf32"}, r"unknown mix route 'tf32'; choose from \['cublas', 'fmaf'\]")])
+def test_cupy_kernel_names_a_bad_choice_when_it_is_made(kwargs, message):
+    """A misspelt kernel or mix route fails when the kernel is made (no GPU needed), not at the
+    first site of the first run."""
+    from torq_onnx.runtime_ops.split_runner import cupy_kernel
+
+    with pytest.raises(ValueError, match=message):
+        cupy_kernel(**kwargs)

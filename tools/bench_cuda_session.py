@@ -5,7 +5,8 @@ The ways to run one model.onnx on held-out token ids (strided 512-token windows)
   cuda-fn   ORT CUDA EP, whole graph: the op's ONNX function body run by ORT's CUDA kernels
   cuda-thread, cuda-warp
             the split runner: ORT CUDA segments + a fused CuPy kernel (a thread or a warp
-            per MX block), one stream
+            per MX block), one stream; a dense R_inter (torq, quarot exports) mixed by
+            --mix (cuda.MIX_ROUTES)
   cpu-lib   ORT CPU, whole graph, the op as the compiled custom-op library's CPU kernel
   cuda-lib-thread, cuda-lib-warp
             ORT CUDA EP, whole graph, the op as the library's CUDA kernel (either fused
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--tokenizer-dir", help="tokenizer folder, to tokenize the packaged held-out text")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--tf32", choices=["0", "1"], help="the CUDA EP's use_tf32 option (default: ORT's)")
+    ap.add_argument("--mix", choices=cuda.MIX_ROUTES, default=cuda.DEFAULT_MIX_ROUTE,
+                    help="how the split runner applies a dense R_inter (fmaf: the compiled library's bits)")
     args = ap.parse_args()
     if args.ids:
         ids = np.load(args.ids)[: args.max_tokens]
@@ -81,7 +84,8 @@ def main() -> None:
     if on_cuda:
         rows.append(("cuda-fn", load_session(args.model, providers=[("CUDAExecutionProvider", opts)])))
         for kernel in cuda.ROTATE_KERNELS:
-            rows.append((f"cuda-{kernel}", SplitSession(args.model, kernel=cupy_kernel(kernel), device="cuda", cuda_options=opts)))
+            rows.append((f"cuda-{kernel}", SplitSession(args.model, kernel=cupy_kernel(kernel, args.mix), device="cuda",
+                                                        cuda_options=opts)))
     else:
         print("no CUDA rows: " + ("no CUDA GPU visible to CuPy" if has_ep else "onnxruntime-gpu is not installed"))
     rows += library_rows(args.model, on_cuda, opts)
@@ -101,7 +105,7 @@ def main() -> None:
             fed = decode_tokens_per_second(session, window, bind_cache=False)
         print(f"{name:>15} {res.perplexity:>8.3f} {res.kl_divergence:>10.5f} {res.top1_agreement:>12.4f} {ms:>20.1f} {tps:>9.0f} "
               f"{na(decode):>12} {na(fed):>9}")
-    print(f"{ids.size} tokens; use_tf32={args.tf32 or 'default'}; onnxruntime {ort.__version__}; providers {ort.get_available_providers()}")
+    print(f"{ids.size} tokens; use_tf32={args.tf32 or 'default'}; split runner's mix={args.mix}; onnxruntime {ort.__version__}; providers {ort.get_available_providers()}")
 
 
 if __name__ == "__main__":

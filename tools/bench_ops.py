@@ -8,7 +8,9 @@ session (both need onnxruntime-gpu), its bandwidth against a device-to-device co
 against the [tokens, D] x [D, D] MatMul it feeds. Two layouts, as exported: "wush"
 (per-block 32x32 transforms, identity R_inter as [[1]]) and "torq" (dense R_inter, one
 shared 32x32 R_intra); the CPU table adds "eye", wush with R_inter as eye(B), to show what
-the [[1]] form saves.
+the [[1]] form saves. The CUDA "torq" rows come once per way of mixing the dense R_inter
+(``cuda.MIX_ROUTES``: cuBLAS's batched GEMM, or the library's fmaf group-mixing kernel),
+with the mixing's own time beside the whole op's.
 
 Run: python tools/bench_ops.py [--quick] [--cpu-only] [--cuda-only]
 """
@@ -28,9 +30,10 @@ from torq_onnx import torq
 from torq_onnx.runtime_ops import functions as F
 from torq_onnx.runtime_ops import reference as ref
 
-# Without onnxruntime-gpu the MatMul column is CuPy's: let it use TF32 as ORT's CUDA EP does by
-# default, so the op/MatMul ratios mean the same either way (read when CuPy is first imported).
-os.environ.setdefault("CUPY_TF32", "1")
+# CuPy reads CUPY_TF32 once, at import, for every float32 matmul it makes: the "cublas" mixing
+# route's GEMM as well as the CuPy MatMul baseline used without onnxruntime-gpu. The tool leaves
+# it as the environment sets it (CuPy's default: off, full float32) and prints it.
+CUPY_TF32 = os.environ.get("CUPY_TF32", "0") == "1"
 
 
 def best_time(fn, repeat: int = 3) -> float:
@@ -155,10 +158,12 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
     has_ort = "CUDAExecutionProvider" in ort.get_available_providers()
     lib = compiled_library(cuda=True) if has_ort else None
     props = cp.cuda.runtime.getDeviceProperties(0)
+    baseline = "ORT CUDA (TF32, the EP's default)" if has_ort else f"CuPy ({'TF32' if CUPY_TF32 else 'no TF32'}: CUPY_TF32)"
     print(f"\nCUDA ({props['name'].decode()}): fused kernel vs ORT CUDA running the op's ONNX function; "
-          f"GB/s counts x read + y written; MatMul = {'ORT CUDA' if has_ort else 'CuPy'} [tokens, D] x [D, D] float32 (TF32)")
-    hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'kernel':>6} {'ours ms':>8} {'GB/s':>6} {'% copy':>6} {'ORT fn ms':>9} "
-           f"{'ORT lib ms':>10} {'speed-up':>8} {'MatMul ms':>9} {'op/MatMul':>9} {'floor':>6}")
+          f"GB/s counts x read + y written; mix: how a dense R_inter is applied (cublas GEMM "
+          f"{'in TF32' if CUPY_TF32 else 'in float32'}: CUPY_TF32) and its own ms; MatMul = {baseline} [tokens, D] x [D, D] float32")
+    hdr = (f"{'D':>5} {'tokens':>6} {'layout':>6} {'kernel':>6} {'mix':>6} {'mix ms':>6} {'ours ms':>8} {'GB/s':>6} {'% copy':>6} "
+           f"{'ORT fn ms':>9} {'ORT lib ms':>10} {'speed-up':>8} {'MatMul ms':>9} {'op/MatMul':>9} {'floor':>6}")
     print(hdr + "\n" + "-" * len(hdr))
     for d in dims:
         w = np.random.default_rng(1).standard_normal((d, d)).astype(np.float32)
@@ -177,11 +182,14 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
                 # the compiled op in a whole-graph ORT CUDA session (its default kernel, cuda.DEFAULT_ROTATE_KERNEL)
                 t_lib = ort_cuda_ms(session(model, "CUDAExecutionProvider", lib), feeds, "y") if lib else float("nan")
                 for kernel in cuda.ROTATE_KERNELS:
-                    q = cuda.RotateQuantizer(ri, rk, kernel=kernel)
-                    t_ours = gpu_ms(lambda: q(xd))
-                    gbps = 2 * x.nbytes / t_ours / 1e6
-                    print(f"{d:>5} {t:>6} {name:>6} {kernel:>6} {t_ours:>8.3f} {gbps:>6.0f} {100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} "
-                          f"{t_lib:>10.3f} {t_fn / t_ours:>7.1f}x {t_mm:>9.3f} {100 * t_ours / t_mm:>8.1f}% {floor:>5.1f}%")
+                    for mix in (cuda.MIX_ROUTES if name == "torq" else ("-",)):
+                        q = cuda.RotateQuantizer(ri, rk, kernel=kernel, **({} if mix == "-" else {"mix": mix}))
+                        t_mix = gpu_ms(lambda: q.mixed(xd)) if mix != "-" else float("nan")
+                        t_ours = gpu_ms(lambda: q(xd))
+                        gbps = 2 * x.nbytes / t_ours / 1e6
+                        print(f"{d:>5} {t:>6} {name:>6} {kernel:>6} {mix:>6} {t_mix:>6.3f} {t_ours:>8.3f} {gbps:>6.0f} "
+                              f"{100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} {t_lib:>10.3f} {t_fn / t_ours:>7.1f}x {t_mm:>9.3f} "
+                              f"{100 * t_ours / t_mm:>8.1f}% {floor:>5.1f}%")
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (last size); floor: op/MatMul for an op at copy bandwidth; "
           f"ORT CUDA EP {'available' if has_ort else 'not installed: ORT columns n/a'}")
 

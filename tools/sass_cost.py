@@ -12,13 +12,15 @@ instruction per scheduler per clock, so a kernel that needs N of them per 256 by
 (128 read, 128 written) cannot move more than SMs x schedulers x clock x 256 / N bytes a
 second, whatever the memory system gives.
 
-The second table is the compiled library's group-mixing kernel (R_inter's product, in
-runtime_ops/ort_custom_ops_cuda.cu, built as the library builds it): its longest loop, the
-instructions it issues per FFMA there (each FFMA one step h of one sum for one lane), and
-from that the ceiling at G groups, where every output float (4 bytes read, 4 written) takes
-G steps; "FFMA only" is that ceiling for a loop of nothing but FFMA, the FP32 pipes' limit
-(one warp FFMA per scheduler a clock). ``--mix-source`` counts other copies of the file
-beside it (an older version, to compare).
+The second table is the group-mixing kernel (R_inter's product, ``torq_group_mix`` in the same
+file, which the CuPy route's ``mix="fmaf"`` and the compiled library both run): its longest
+loop, the instructions it issues per FFMA there (each FFMA one step h of one sum for one
+lane), and from that the ceiling at G groups, where every output float (4 bytes read, 4
+written) takes G steps; "FFMA only" is that ceiling for a loop of nothing but FFMA, the FP32
+pipes' limit (one warp FFMA per scheduler a clock). ``--mix-source`` counts the kernel in
+other sources beside it (an older version, to compare): a file that defines a kernel whose
+name contains ``torq_group_mix``; a copy of the library's ort_custom_ops_cuda.cu is built
+with the library's defines.
 
 Run: python tools/sass_cost.py [--arch sm_90] [--sms 132] [--clock-ghz 1.98] [--copy-gbps 2828]
                                [--groups 18,48,128,256] [--mix-source FILE ...]
@@ -38,8 +40,7 @@ from torq_onnx.runtime_ops import compiled, cuda
 from torq_onnx.runtime_ops.nvidia_wheels import cuda_tool, cuobjdump
 
 SRC = Path(cuda.__file__).with_name("mxfp4_quant.cu")
-LIBRARY_SRC = SRC.with_name("ort_custom_ops_cuda.cu")
-MIX_KERNEL = "torq_group_mix"  # in an anonymous namespace: its SASS name is mangled around this
+MIX_KERNEL = cuda.MIX_KERNEL  # extern "C" here; older library copies mangle their name around it
 BYTES_PER_MIXED = 2 * 4  # one output float written, its input read
 SCHEDULERS = 4  # warp schedulers per SM, each issuing one instruction a clock (sm_70 and newer)
 BYTES_PER_BLOCK_ROW = 2 * 32 * 4  # x read and y written; z_out off
@@ -135,8 +136,13 @@ class MixCost:
         return self.loop / self.ffma
 
 
-def mix_cost(arch: str, source: Path = LIBRARY_SRC) -> MixCost:
-    resources, sass = compile_and_disassemble(arch, source, library=True)
+def is_library_source(source: Path) -> bool:
+    """Whether ``source`` is (a copy of) the library's CUDA file, which builds only with its defines."""
+    return "TORQ_ROTATE_KERNEL" in source.read_text()
+
+
+def mix_cost(arch: str, source: Path = SRC) -> MixCost:
+    resources, sass = compile_and_disassemble(arch, source, library=is_library_source(source))
     name = next(n for n in resources if MIX_KERNEL in n)
     loop = longest_loop(instructions(sass, re.escape(name)))
     return MixCost(resources[name], len(loop), sum(map(is_ffma, loop)))
@@ -151,7 +157,7 @@ def main() -> None:
     ap.add_argument("--groups", default="18,48,128,256",
                     help="R_inter sizes G for the group-mixing ceilings (SmolLM2-135M: 18 and 48; D = 4096: 128)")
     ap.add_argument("--mix-source", type=Path, action="append", default=[],
-                    help="another copy of ort_custom_ops_cuda.cu whose group-mixing kernel to count beside today's")
+                    help="another source with a torq_group_mix kernel to count beside today's (e.g. an older version)")
     args = ap.parse_args()
     resources, sass = compile_and_disassemble(args.arch)
     issue = args.sms * SCHEDULERS * args.clock_ghz * 1e9  # warp instructions a second
@@ -171,11 +177,11 @@ def main() -> None:
     print("counted: the thread kernel's whole code (one (row, block) per lane), the warp kernel's main loop "
           "(4 rows per pass); static counts, both sides of every branch")
     groups = [int(g) for g in args.groups.split(",")]
-    print(f"\ngroup-mixing kernel ({LIBRARY_SRC.name}) for {args.arch}: ceiling GB/s (% copy) at G groups")
+    print(f"\ngroup-mixing kernel ({SRC.name}, {MIX_KERNEL}) for {args.arch}: ceiling GB/s (% copy) at G groups")
     hdr = f"{'source':>32} {'regs':>4} {'smem':>5} {'loop':>5} {'FFMA':>5} {'per FFMA':>8}" + "".join(f" {f'G={g}':>13}" for g in groups)
     print(hdr + "\n" + "-" * len(hdr))
     cell = lambda gbps: f" {gbps:>6.0f} ({100 * gbps / args.copy_gbps:>3.0f}%)"  # noqa: E731
-    for label, path in [("this tree", LIBRARY_SRC), *((p.name, p) for p in args.mix_source)]:
+    for label, path in [("this tree", SRC), *((p.name, p) for p in args.mix_source)]:
         cost = mix_cost(args.arch, path)
         r = cost.resources
         print(f"{label[-32:]:>32} {r.registers:>4} {r.smem:>5} {cost.loop:>5} {cost.ffma:>5} {cost.per_ffma:>8.2f}"

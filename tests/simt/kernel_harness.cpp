@@ -4,6 +4,9 @@
 //   mxfp4_fake_quant GX GY BLOCK N_BLOCKS BUMP                   in: z            out: y
 //   torq_block_rotate_quant[_warp] GX GY BLOCK N_ROWS N_BLOCKS R_STRIDE BUMP
 //                                                                in: x, r         out: y, z
+//   torq_group_mix GX GY BLOCK ROWS GROUPS WIDTH                 in: x, r_inter   out: mixed, want
+//     (want: mxfp4_math.cuh's torq_group_mix_element per output, on one host thread)
+#include <limits>
 #include <string>
 
 #include "mxfp4_quant.cu"
@@ -44,6 +47,20 @@ int main(int argc, char** argv) {
         simt::launch(kernel, grid, block, x.data(), r.data(), y.data(), z.data(), n_rows, n_blocks, r_stride, bump);
         write_floats(y);
         write_floats(z);
+        return 0;
+    }
+    if (name == "torq_group_mix" && argc == 8) {
+        const long long rows = std::atoll(argv[5]), groups = std::atoll(argv[6]), width = std::atoll(argv[7]);
+        const long long d = groups * width;
+        std::vector<float> x = read_floats(rows * d), r = read_floats(groups * groups);
+        std::vector<float> out(x.size(), std::numeric_limits<float>::quiet_NaN()), want(x.size());  // unwritten stays NaN
+        simt::launch(torq_group_mix, grid, block, x.data(), r.data(), out.data(), rows * width, groups, width);
+        for (long long n = 0; n < rows; ++n)
+            for (long long g = 0; g < groups; ++g)
+                for (long long k = 0; k < width; ++k)
+                    want[n * d + g * width + k] = torq_group_mix_element(&r[g * groups], &x[n * d + k], groups, width);
+        write_floats(out);
+        write_floats(want);
         return 0;
     }
     std::fprintf(stderr, "unknown kernel or wrong argument count: %s\n", name.c_str());
