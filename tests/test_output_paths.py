@@ -52,6 +52,24 @@ def test_a_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path, no_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temporary sibling either
 
 
+@pytest.mark.parametrize("given", ["model", "--text", "--tokenizer"])
+def test_an_input_inside_the_output_folder_is_refused_and_kept(tmp_path, no_work, given):
+    """An earlier export's folder may be replaced, but not while it holds an input of the new
+    export: the replacement would delete the user's source, text or tokenizer."""
+    out = tmp_path / "out"
+    (out / "tok").mkdir(parents=True)
+    (out / "report.json").write_text(json.dumps({"torq_onnx_version": "0"}))
+    (out / "source.onnx").write_text("a model")
+    (out / "calib.txt").write_text("some text")
+    (out / "tok" / "tokenizer.json").write_text("{}")
+    before = tree(out)
+    args = {"model": ["export", str(out / "source.onnx")], "--text": ["export", "--text", str(out / "calib.txt")],
+            "--tokenizer": ["export", "--tokenizer", str(out / "tok")]}[given]
+    msg = invoke(*args, "-o", str(out))
+    assert f"{given if given != 'model' else 'the model'} " in msg and "is inside the output folder" in msg, msg
+    assert tree(out) == before
+
+
 @pytest.mark.parametrize("where", [".", "..", "HERE"])
 def test_the_current_folder_and_its_ancestors_are_refused(tmp_path, monkeypatch, no_work, where):
     (tmp_path / "work").mkdir()

@@ -56,6 +56,19 @@ def check_output_folder(path: str | Path, replaceable: Callable[[Path], bool], w
     return p
 
 
+def refuse_inputs_inside(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Raise a TorqError if an input path (``{what: path}``; None and names that are no path
+    are skipped) is ``out`` or lies inside it: replacing ``out`` whole would delete it."""
+    out = out.resolve()
+    for what, path in inputs.items():
+        if path is None or not Path(path).exists():
+            continue
+        p = Path(path).resolve()
+        if p == out or out in p.parents:
+            raise TorqError(f"{what} {path} is inside the output folder {out}, which the output replaces whole: "
+                            "move it out of that folder or give another output folder")
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to a temporary sibling of ``path`` and rename it into place."""
     path = Path(path)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from torq_onnx import __version__, mxfp4, torq
 from torq_onnx import calibration as calib
 from torq_onnx import genai, heap, models, plots, text
-from torq_onnx.atomic import check_output_folder
+from torq_onnx.atomic import check_output_folder, refuse_inputs_inside
 from torq_onnx.defaults import (
     DEFAULT_METHOD,
     DEFAULT_WEIGHT_ROUNDING,
@@ -272,6 +272,7 @@ def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | 
     if dtype not in (None, *SOURCE_DTYPES):
         raise TorqError(f"--dtype must be one of {', '.join(SOURCE_DTYPES)}, got {dtype!r}")
     out_dir = check_out_dir(out_dir)
+    refuse_inputs_inside(out_dir, {"the model": model, "--text": text_path, "--tokenizer": tokenizer_dir})
     calib_text = calibration_text(text_path)
     if tokenizer_dir is not None:
         models.require_tokenizer_dir(Path(tokenizer_dir))
