@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -169,3 +172,12 @@ def test_eval_cli_reference_metrics(exported, tmp_path):
     assert q_r["kl_divergence"] > 1e-3 and q_r["top1_agreement"] < 1.0
     assert q_r["kl_divergence_p99"] >= q_r["kl_divergence"]
     assert eval_json([str(outs["w4a4"])], tmp_path)["kl_divergence"] is None  # no reference, no KL
+
+
+def test_compare_methods_refuses_bad_window_options_before_any_work():
+    """tools/compare_methods.py: a stride at or above --seq-len is a usage error, given before
+    the model is converted (no traceback)."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "compare_methods.py"
+    res = subprocess.run([sys.executable, str(tool), "--seq-len", "128", "--stride", "200"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--stride must be in 1..127 (below --seq-len), got 200" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

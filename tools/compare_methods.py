@@ -33,6 +33,7 @@ from torq_onnx import calibration as calib
 from torq_onnx import evaluate, models, pipeline
 from torq_onnx.atomic import write_text_atomic
 from torq_onnx.defaults import METHODS
+from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops import load_session
 
 MODE_LABEL = {"w4a4": "W4A4 (RTN weights)", "w4a4-gptq": "W4A4 (GPTQ weights)", "a4": "A4 only", "w4": "W4 only (RTN)",
@@ -220,7 +221,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored per model (decoder LMs)")
     ap.add_argument("--eval-sentences", type=int, default=256, help="held-out sentences embedded per model (encoders)")
     ap.add_argument("--keep-models", action="store_true", help="keep every exported model under --out (default: only report.json)")
-    ap.add_argument("--stride", type=int, default=256)
+    ap.add_argument("--stride", type=int, default=None, help="scoring-window stride (default: half of --seq-len)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--modes", default="w4a4,w4a4-gptq,a4", help=", ".join(f"{k} ({v})" for k, v in MODE_LABEL.items()))
     ap.add_argument("--seeds", default="none", help="calibration-window seeds, comma-separated; 'none' = evenly spread windows")
@@ -231,6 +232,12 @@ def main() -> None:
                     help="add torq (no refinement) and torq-wush with R_inter only where the block-variance spread is >= T")
     ap.add_argument("--guard", action="store_true", help="add torq with the per-site output-error guard (--output-guard)")
     args = ap.parse_args()
+    if args.stride is None:
+        args.stride = args.seq_len // 2
+    try:  # window options checked before the model is converted
+        evaluate.check_window_options(args.seq_len, args.stride)
+    except TorqError as exc:
+        ap.error(str(exc))
     methods = [m for m in args.methods.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
