@@ -201,7 +201,7 @@ def test_a_short_group_mix_grid_is_caught(harness):
         assert not same(got, want)
 
 
-def test_launch_geometry_in_python_is_the_sources(tmp_path):
+def test_launch_geometry_in_python_is_the_sources():
     """cuda.py's launch constants are the #defines the kernels are written for (a mismatch
     would launch a grid the kernel does not cover, or threads it does not expect)."""
     source = (KERNELS / "mxfp4_quant.cu").read_text()
