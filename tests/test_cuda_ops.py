@@ -47,8 +47,9 @@ def test_fused_kernel_with_identity_rotation_is_the_quantizer(rule, kernel):
 
 @pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
 @pytest.mark.parametrize("per_block", [False, True])
-@pytest.mark.parametrize("inter", ["eye", "one", "groups", "dense"])
-def test_rotate_quantize_matches_the_reference(per_block, inter, kernel):
+@pytest.mark.parametrize(("inter", "mix"), [("eye", cuda.DEFAULT_MIX_ROUTE), ("one", cuda.DEFAULT_MIX_ROUTE),
+                                            *((i, m) for i in ("groups", "dense") for m in cuda.MIX_ROUTES)])
+def test_rotate_quantize_matches_the_reference(per_block, inter, mix, kernel):
     """Rotation: float32 agreement with numpy (summation order differs); quantization:
     bit-exact on exactly the rotated values the kernel produced."""
     import cupy as cp
@@ -60,7 +61,7 @@ def test_rotate_quantize_matches_the_reference(per_block, inter, kernel):
                "dense": torq.solve_rotation("quarot", d, seed=0).r_inter}[inter]
     r_intra = rng.standard_normal((b, 32, 32) if per_block else (32, 32)) / np.sqrt(32)
     x = (rng.standard_normal((n, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
-    q = cuda.RotateQuantizer(r_inter, r_intra, kernel=kernel)
+    q = cuda.RotateQuantizer(r_inter, r_intra, kernel=kernel, mix=mix)
     assert (q.r_inter is None) == (inter in ("eye", "one"))  # an identity is skipped
     z_gpu = cp.full(x.shape, cp.nan, dtype=cp.float32)  # poisoned: every element must be written
     y = q(cp.asarray(x), rotated_out=z_gpu).get()
@@ -68,7 +69,7 @@ def test_rotate_quantize_matches_the_reference(per_block, inter, kernel):
     want_z = torq.apply_rotation(x.astype(np.float64), r_inter, r_intra)
     np.testing.assert_allclose(z, want_z, rtol=1e-4, atol=1e-5 * np.abs(want_z).max())
     assert same(y, ref.quantize_rotated(z, np.float32))
-    assert same(cuda.rotate_quantize(x, r_inter, r_intra, kernel=kernel).get(), y)  # deterministic
+    assert same(cuda.rotate_quantize(x, r_inter, r_intra, kernel=kernel, mix=mix).get(), y)  # deterministic
 
 
 def test_fused_kernels_agree_bit_for_bit_on_the_gpu():
