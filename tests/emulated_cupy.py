@@ -1,0 +1,81 @@
+"""CuPy as runtime_ops/cuda.py uses it, on the CPU: device arrays are numpy arrays (with CuPy's
+``get``), and a launch of a RawModule kernel runs that kernel of mxfp4_quant.cu on the host
+emulator of CUDA threads (tests/simt/kernel_harness.cpp) with the grid, block and arguments
+cuda.py passes. So the CUDA route's Python side (argument order, grids, row chunks, strides,
+the rotated-values output, the mix routes) runs in CI against the same kernels a GPU runs;
+what stays GPU-only is the GPU's own execution of them and real device memory."""
+
+from __future__ import annotations
+
+import subprocess
+import types
+from pathlib import Path
+
+import numpy as np
+
+from torq_onnx.runtime_ops import cuda
+
+
+class DeviceArray(np.ndarray):
+    """A numpy array standing for a CuPy one."""
+
+    def get(self) -> np.ndarray:
+        return np.array(self)
+
+
+def _device(a) -> DeviceArray:
+    return np.asarray(a).view(DeviceArray)
+
+
+def module() -> types.ModuleType:
+    """A ``cupy`` module with what cuda.py calls."""
+    cp = types.ModuleType("cupy")
+    cp.float32 = np.float32
+    cp.nan = np.nan
+    cp.asarray = lambda a, dtype=None: _device(np.asarray(a, dtype))
+    cp.ascontiguousarray = lambda a, dtype=None: _device(np.ascontiguousarray(a, dtype))
+    cp.empty_like = lambda a: _device(np.empty_like(a))
+    cp.full = lambda shape, value, dtype=None: _device(np.full(shape, value, dtype))
+    cp.matmul = lambda a, b: _device(np.matmul(a, b))
+    return cp
+
+
+def _harness_run(harness: Path, args: list, data: bytes, n_out: int) -> np.ndarray:
+    res = subprocess.run([str(harness), *map(str, args)], input=data, capture_output=True, timeout=300)
+    assert res.returncode == 0, res.stderr.decode()[-3000:]
+    out = np.frombuffer(res.stdout, dtype=np.float32)
+    assert out.size == n_out, (out.size, n_out)
+    return out
+
+
+def kernels(harness: Path, launches: list | None = None):
+    """A stand-in for cuda._kernel: ``kernels(harness)(name)`` is a launcher of that kernel,
+    called as CuPy's RawKernel is, ``(grid, block, args)``, that runs it on ``harness`` and
+    writes its outputs into the given arrays. Each launch is appended to ``launches``."""
+    rotate_names = {k.name for k in cuda.ROTATE_KERNELS.values()}
+
+    def kernel(name: str):
+        def launch(grid: tuple, block: tuple, args: tuple) -> None:
+            gx, gy = (tuple(grid) + (1,))[:2]
+            if launches is not None:
+                launches.append((name, (gx, gy), tuple(block)))
+            if name == cuda.MIX_KERNEL:
+                x, r, out, columns, groups, width = args
+                n = int(columns) * int(groups)
+                got = _harness_run(harness, [name, gx, gy, block[0], int(columns) // int(width), int(groups), int(width)],
+                                   x.reshape(-1)[:n].tobytes() + r.tobytes(), 2 * n)
+                out.reshape(-1)[:n] = got[:n]
+            elif name in rotate_names:
+                x, r, y, z, n_rows, n_blocks, r_stride, bump = args
+                n = int(n_rows) * int(n_blocks) * 32
+                got = _harness_run(harness, [name, gx, gy, block[0], int(n_rows), int(n_blocks), int(r_stride), repr(float(bump))],
+                                   x.reshape(-1)[:n].tobytes() + r.tobytes(), 2 * n)
+                y.reshape(-1)[:n] = got[:n]
+                if not isinstance(z, int):  # 0: no rotated-values output (a null pointer)
+                    z.reshape(-1)[:n] = got[n:]
+            else:
+                raise AssertionError(f"the emulated module has no kernel {name!r}")
+
+        return launch
+
+    return kernel

@@ -1,0 +1,112 @@
+"""The CUDA route's Python side on the CPU: runtime_ops/cuda.py and the split runner's
+cupy_kernel, with CuPy replaced by tests/emulated_cupy.py (numpy arrays, and each kernel
+launch run on the host emulator of CUDA threads with the grid and arguments cuda.py passes).
+With ``mix="fmaf"`` the op must then give the compiled CPU library's bits, alone and inside a
+split run of an exported model; what stays GPU-only is the GPU's execution and real device
+memory (pytest -m gpu)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from torq_onnx import torq
+from torq_onnx.pipeline import ExportOptions, rewrite
+from torq_onnx.runtime_ops import cuda, load_session
+from torq_onnx.runtime_ops import functions as F
+from torq_onnx.runtime_ops import reference as ref
+from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
+
+import emulated_cupy
+from test_compiled_ops import op_model, run
+from test_cuda_emulated import CXX, build_harness
+from test_runtime_ops import same
+from tiny_models import batches, tiny_transformer
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return build_harness(tmp_path_factory.mktemp("simt-route") / "kernel_harness")
+
+
+@pytest.fixture
+def launches(monkeypatch, harness) -> list:
+    """cuda.py's kernels launched on the emulator through a stand-in CuPy; the launches made."""
+    made: list = []
+    monkeypatch.setitem(sys.modules, "cupy", emulated_cupy.module())
+    monkeypatch.setattr(cuda, "_kernel", emulated_cupy.kernels(harness, made))
+    return made
+
+
+def case(rng: np.random.Generator, d: int, groups: int, per_block: bool, rows: int = 133):
+    x = (rng.standard_normal((rows, d)) * np.exp(rng.standard_normal(d))).astype(np.float32)
+    x[7, 32:64] = 0  # a zero block
+    r_inter = np.linalg.qr(rng.standard_normal((groups, groups)))[0].astype(np.float32)
+    r_intra = (rng.standard_normal((d // 32, 32, 32) if per_block else (32, 32)) / 6).astype(np.float32)
+    return x, r_inter, r_intra
+
+
+@pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
+@pytest.mark.parametrize(("d", "groups", "per_block"), [(160, 5, True), (256, 8, False), (96, 3, False)])
+def test_fmaf_route_gives_the_cpu_librarys_bits(library, launches, kernel, d, groups, per_block):
+    """RotateQuantizer(mix="fmaf"): the group-mixing kernel, then the fused kernel, as cuda.py
+    launches them, give the CPU library's TorqRotate and TorqRotateQuantize outputs bit for
+    bit (133 rows: a partial row tile of either fused kernel)."""
+    x, ri, rk = case(np.random.default_rng(d), d, groups, per_block)
+    z = emulated_cupy.module().full(x.shape, np.nan, dtype=np.float32)  # poisoned: every element must be written
+    y = cuda.RotateQuantizer(ri, rk, kernel=kernel, mix="fmaf")(x, rotated_out=z)
+    assert [name for name, _, _ in launches] == [cuda.MIX_KERNEL, cuda.rotate_kernel(kernel).name]
+    assert same(z.get(), run(op_model(d, F.ROTATE, r_inter=ri, r_intra=rk), library, x))
+    assert same(y.get(), run(op_model(d, F.ROTATE_QUANTIZE, r_inter=ri, r_intra=rk), library, x))
+
+
+def test_cublas_route_and_identities(launches):
+    """mix="cublas" (a matmul, then the fused kernel): the quantizer is bit-exact on the values
+    it rotated and they agree with float64; an identity R_inter ([[1]], eye(B)) launches the
+    fused kernel alone."""
+    x, ri, rk = case(np.random.default_rng(1), 256, 8, True)
+    z = emulated_cupy.module().full(x.shape, np.nan, dtype=np.float32)
+    y = cuda.RotateQuantizer(ri, rk, mix="cublas")(x, rotated_out=z).get()
+    want = torq.apply_rotation(x.astype(np.float64), ri, rk)
+    np.testing.assert_allclose(z.get(), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert same(y, ref.quantize_rotated(z.get(), np.float32))
+    launches.clear()
+    for identity in (np.ones((1, 1), np.float32), np.eye(8, dtype=np.float32)):
+        cuda.RotateQuantizer(identity, rk, mix="fmaf")(x)
+    assert [name for name, _, _ in launches] == [cuda.rotate_kernel(cuda.DEFAULT_ROTATE_KERNEL).name] * 2
+
+
+@pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
+def test_long_inputs_take_several_launches_that_cover_every_row(library, launches, monkeypatch, kernel):
+    """With the grid's y limit lowered to one row tile, 300 rows take three launches of the
+    fused kernel (row offsets into x, y and the rotated output) and give the same bits."""
+    monkeypatch.setattr(cuda, "MAX_GRID_Y", 1)
+    x, ri, rk = case(np.random.default_rng(3), 64, 2, False, rows=300)
+    z = emulated_cupy.module().full(x.shape, np.nan, dtype=np.float32)
+    y = cuda.RotateQuantizer(ri, rk, kernel=kernel, mix="fmaf")(x, rotated_out=z)
+    assert [name for name, _, _ in launches] == [cuda.MIX_KERNEL] + [cuda.rotate_kernel(kernel).name] * 3
+    assert same(z.get(), run(op_model(64, F.ROTATE, r_inter=ri, r_intra=rk), library, x))
+    assert same(y.get(), run(op_model(64, F.ROTATE_QUANTIZE, r_inter=ri, r_intra=rk), library, x))
+
+
+def test_split_run_with_the_fmaf_route_is_the_library_session_bit_for_bit(library, launches, tmp_path):
+    """A torq export (dense R_inter at every site) split at its ops, each op computed by
+    cupy_kernel(mix="fmaf") on the emulator: the logits of the whole-graph CPU session with
+    the compiled library, bit for bit (the segments are the same ORT CPU graph)."""
+    model = ir.serde.deserialize_model(tiny_transformer())
+    rewrite(model, batches(), ExportOptions(progress=False, method="torq"))
+    path = tmp_path / "m.onnx"
+    onnx.save(ir.serde.serialize_model(model), path)
+    feeds = batches(1, 40, seed=3)[0]
+    op = cupy_kernel(mix="fmaf")
+    # on the GPU the kernel receives a CuPy view of the segment's output; here, its stand-in
+    split = SplitSession(path, kernel=lambda x, site: np.array(op(emulated_cupy.module().asarray(x), site).get()))
+    logits = split.run(None, feeds)[0]
+    assert cuda.MIX_KERNEL in {name for name, _, _ in launches}
+    np.testing.assert_array_equal(logits, load_session(path, custom_ops=library).run(None, feeds)[0])
