@@ -154,7 +154,7 @@ def _module(device_id: int):
     return cp.RawModule(path=str(cache))
 
 
-def _kernel(name: str = "mxfp4_fake_quant"):
+def _kernel(name: str):
     import cupy as cp
 
     return _module(cp.cuda.Device().id).get_function(name)
@@ -169,7 +169,7 @@ def fake_quant_rows(z, scale_rule: str = "floor"):
         raise ValueError(f"last axis {z.shape[-1]} is not a multiple of 32")
     y = cp.empty_like(z)
     n_blocks = z.size // 32
-    _kernel()(*fake_quant_grid(n_blocks), (z, y, np.int64(n_blocks), np.float32(bump_threshold(scale_rule))))
+    _kernel("mxfp4_fake_quant")(*fake_quant_grid(n_blocks), (z, y, np.int64(n_blocks), np.float32(bump_threshold(scale_rule))))
     return y
 
 

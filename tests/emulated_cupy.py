@@ -59,7 +59,12 @@ def kernels(harness: Path, launches: list | None = None):
             gx, gy = (tuple(grid) + (1,))[:2]
             if launches is not None:
                 launches.append((name, (gx, gy), tuple(block)))
-            if name == cuda.MIX_KERNEL:
+            if name == "mxfp4_fake_quant":
+                z, y, n_blocks, bump = args
+                n = int(n_blocks) * 32
+                y.reshape(-1)[:n] = _harness_run(harness, [name, gx, gy, block[0], int(n_blocks), repr(float(bump))],
+                                                 z.reshape(-1)[:n].tobytes(), n)
+            elif name == cuda.MIX_KERNEL:
                 x, r, out, columns, groups, width = args
                 n = int(columns) * int(groups)
                 got = _harness_run(harness, [name, gx, gy, block[0], int(columns) // int(width), int(groups), int(width)],

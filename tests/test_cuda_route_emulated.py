@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from torq_onnx import torq
+from torq_onnx import mxfp4, torq
 from torq_onnx.pipeline import ExportOptions, rewrite
 from torq_onnx.runtime_ops import cuda, load_session
 from torq_onnx.runtime_ops import functions as F
@@ -24,7 +24,7 @@ from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
 import emulated_cupy
 from test_compiled_ops import op_model, run
 from test_cuda_emulated import CXX, build_harness
-from test_runtime_ops import same
+from test_runtime_ops import adversarial, same
 from tiny_models import batches, tiny_transformer
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="no C++20 compiler (g++) on PATH")
@@ -50,6 +50,14 @@ def case(rng: np.random.Generator, d: int, groups: int, per_block: bool, rows: i
     r_inter = np.linalg.qr(rng.standard_normal((groups, groups)))[0].astype(np.float32)
     r_intra = (rng.standard_normal((d // 32, 32, 32) if per_block else (32, 32)) / 6).astype(np.float32)
     return x, r_inter, r_intra
+
+
+@pytest.mark.parametrize("rule", mxfp4.SCALE_RULES)
+def test_fake_quant_rows_is_the_reference_quantizer(launches, rule):
+    """cuda.fake_quant_rows (the quantizer alone, a warp per block) on the adversarial cases."""
+    z = adversarial(np.random.default_rng(4), 41, 96)
+    assert same(cuda.fake_quant_rows(z, rule).get(), ref.quantize_rotated(z, np.float32, rule))
+    assert [name for name, _, _ in launches] == ["mxfp4_fake_quant"]
 
 
 @pytest.mark.parametrize("kernel", sorted(cuda.ROTATE_KERNELS))
