@@ -8,7 +8,6 @@
 
 // MXFP4 (OCP MX v1.0) fake-quant of float32 rows of 32, one warp per block: a butterfly
 // reduction gives every lane the block's amax and NaN flag.
-
 extern "C" __global__ void mxfp4_fake_quant(const float* __restrict__ z, float* __restrict__ y,
                                             long long n_blocks, float bump) {
     long long blk = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
