@@ -16,6 +16,8 @@ from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops.functions import DOMAIN, DOMAIN_VERSION, STD_OPSET, all_functions
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to model.onnx.data
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"  # what save_atomic writes besides the extras
+MODEL_FILES = (MODEL_FILE, DATA_FILE)
 
 
 class Finalize(InPlacePass):
@@ -89,12 +91,12 @@ def save_atomic(model: ir.Model, out_dir: Path, extras: dict[str, object] | None
         size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
         if size > EXTERNAL_DATA_THRESHOLD:  # streamed tensor by tensor, weights the export kept on disk included
             inline_external_tensors(model, max_bytes=INLINE_BYTES)
-            ir.save(model, tmp / "model.onnx", external_data="model.onnx.data", size_threshold_bytes=INLINE_BYTES)
+            ir.save(model, tmp / MODEL_FILE, external_data=DATA_FILE, size_threshold_bytes=INLINE_BYTES)
         else:
             inline_external_tensors(model)  # weights still memory-mapped from a working copy go inline
             proto = ir.serde.serialize_model(model)
             check_model(proto)
-            onnx.save_model(proto, tmp / "model.onnx")
+            onnx.save_model(proto, tmp / MODEL_FILE)
         for name, obj in (extras or {}).items():
             if isinstance(obj, Path):
                 shutil.copytree(obj, tmp / name)
@@ -106,4 +108,4 @@ def save_atomic(model: ir.Model, out_dir: Path, extras: dict[str, object] | None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir / "model.onnx"
+    return out_dir / MODEL_FILE

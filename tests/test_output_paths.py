@@ -52,6 +52,22 @@ def test_a_folder_that_is_not_an_export_is_refused_and_left_whole(tmp_path, no_w
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no temporary sibling either
 
 
+def test_an_earlier_export_holding_a_users_files_is_refused_and_kept(tmp_path, no_work):
+    """An earlier export may be replaced, but not once a user has put files of their own into
+    it: its report lists what the export wrote, and anything else is named."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"torq_onnx_version": "0", "files": ["model.onnx", "report.json"]}))
+    (out / "model.onnx").write_text("a model")
+    (out / "notes.txt").write_text("mine")
+    before = tree(out)
+    msg = invoke("export", "-o", str(out))
+    assert "is an earlier export that also holds what it did not write (notes.txt)" in msg, msg
+    assert tree(out) == before
+    (out / "notes.txt").unlink()
+    assert pipeline.check_out_dir(out) == out  # only what it wrote: replaceable
+
+
 @pytest.mark.parametrize("given", ["model", "--text", "--tokenizer"])
 def test_an_input_inside_the_output_folder_is_refused_and_kept(tmp_path, no_work, given):
     """An earlier export's folder may be replaced, but not while it holds an input of the new
@@ -123,6 +139,8 @@ def test_an_empty_folder_or_an_earlier_export_may_be_replaced(tmp_path, exported
     earlier = exported_decoder.parent  # a real export's folder, so the marker cannot drift from what exports write
     assert pipeline.is_export_folder(earlier)
     assert pipeline.check_out_dir(earlier) == earlier
+    # its report lists everything it wrote
+    assert pipeline.added_entries(earlier) == [] and "model.onnx" in json.loads((earlier / "report.json").read_text())["files"]
     (empty / "report.json").write_text("{not json")
     assert not pipeline.is_export_folder(empty)
 

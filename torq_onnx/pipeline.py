@@ -42,6 +42,7 @@ from torq_onnx.passes import (
     save_atomic,
 )
 from torq_onnx.passes.context import EXTERNAL_MIN_BYTES, external_weights_folder
+from torq_onnx.passes.finalize import MODEL_FILES
 
 
 @dataclass
@@ -237,9 +238,27 @@ def is_export_folder(folder: Path) -> bool:
     return isinstance(report, dict) and "torq_onnx_version" in report
 
 
+def added_entries(folder: Path) -> list[str]:
+    """The entries of an earlier export's folder that the export did not write (files a user
+    put there), by the list its report.json keeps; none known for an export without one."""
+    try:
+        written = json.loads((folder / "report.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(written, list):
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name not in written)
+
+
 def check_out_dir(out_dir: str | Path) -> Path:
     """``out_dir`` made absolute, once it is known that an export may be written there."""
-    return check_output_folder(out_dir, is_export_folder, "an earlier torq-onnx export")
+    p = check_output_folder(out_dir, is_export_folder, "an earlier torq-onnx export")
+    added = added_entries(p) if p.is_dir() and is_export_folder(p) else []
+    if added:
+        names = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
+        raise TorqError(f"output folder {out_dir} is an earlier export that also holds what it did not write ({names}): "
+                        "the output replaces its folder whole, so move those out or give another folder")
+    return p
 
 
 def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path, report: dict, opts: ExportOptions,
@@ -256,6 +275,8 @@ def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path,
     if config is not None:
         extras[genai.CONFIG_FILE] = config
         extras.update({f: (tokenizer_files / f).read_bytes() for f in genai.TOKENIZER_FILES if (tokenizer_files / f).is_file()})
+    # what this export writes, so that a later export into OUT can tell a user's files from its own
+    report["files"] = sorted({*MODEL_FILES, *extras})
     return save_atomic(model_ir, out_dir, extras)
 
 
