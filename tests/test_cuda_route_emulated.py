@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto
 
 from torq_onnx import mxfp4, torq
 from torq_onnx.pipeline import ExportOptions, rewrite
@@ -72,6 +73,16 @@ def test_fmaf_route_gives_the_cpu_librarys_bits(library, launches, kernel, d, gr
     assert [name for name, _, _ in launches] == [cuda.MIX_KERNEL, cuda.rotate_kernel(kernel).name]
     assert same(z.get(), run(op_model(d, F.ROTATE, r_inter=ri, r_intra=rk), library, x))
     assert same(y.get(), run(op_model(d, F.ROTATE_QUANTIZE, r_inter=ri, r_intra=rk), library, x))
+
+
+def test_float16_input_gives_the_cpu_librarys_float16_bits(library, launches):
+    """A float16 activation (a float16 graph's) is widened, mixed, rotated and quantized in
+    float32 and rounded once to float16, as the library's float16 kernel does."""
+    x, ri, rk = case(np.random.default_rng(5), 160, 5, True)
+    y = cuda.RotateQuantizer(ri, rk, mix="fmaf")(x.astype(np.float16))
+    assert y.dtype == np.float16
+    model = op_model(160, F.ROTATE_QUANTIZE, dtype=TensorProto.FLOAT16, r_inter=ri, r_intra=rk)
+    assert same(y.get(), run(model, library, x.astype(np.float16)))
 
 
 def test_cublas_route_and_identities(launches):
