@@ -94,11 +94,16 @@ fi
 pack
 if stage sanitizers; then
     # A small case for the sanitizers (they slow kernels down by orders of magnitude): both fused
-    # kernels on 133 rows x 5 blocks (a partial row tile, a partial step, idle warps), per-block R.
+    # kernels on 133 rows x 5 blocks (a partial row tile, a partial step, idle warps), per-block R,
+    # and the group-mixing kernel with 40 groups of 4 (two tiles of h, so its tiles are restaged).
     case="$(kernel_inputs 133 5)
 ys = [cuda.block_rotate_quantize(x, r, kernel=k).get() for k in cuda.ROTATE_KERNELS]
 assert all(np.array_equal(y, ys[0]) for y in ys), 'the fused kernels disagree'
-print('sanitizer case ran', sorted(cuda.ROTATE_KERNELS))"
+ri = np.linalg.qr(rng.standard_normal((40, 40)))[0].astype(np.float32)
+mixed = cuda.group_mix(x, cp.asarray(ri)).get()
+want = np.einsum('gh,nhk->ngk', ri.astype(np.float64), x.get().reshape(133, 40, 4).astype(np.float64)).reshape(133, -1)
+assert np.allclose(mixed, want, rtol=1e-4, atol=1e-4), 'the group mix is off'
+print('sanitizer case ran', sorted(cuda.ROTATE_KERNELS), cuda.MIX_KERNEL)"
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck synccheck; do
             timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -c "$case" >"$out/sanitizer_$tool.log" 2>&1 || status=1
