@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -277,6 +278,12 @@ def test_bad_generation_requests_get_one_line_errors(float_export, tmp_path):
     (bare / "model.onnx").write_bytes((float_export / "model.onnx").read_bytes())
     res = CliRunner().invoke(app, ["generate", str(bare), PROMPT])
     assert res.exit_code == 2 and "no tokenizer" in res.output and "Traceback" not in res.output
+    # a file that is no ONNX model, beside a tokenizer: named as such when the session reads it
+    shutil.copytree(float_export / "tokenizer", bare / "tokenizer")
+    (bare / "model.onnx").write_bytes(b"not a model")
+    res = CliRunner().invoke(app, ["generate", str(bare), PROMPT])
+    out = " ".join(res.output.split())  # rich wraps long messages
+    assert res.exit_code == 2 and "is not a readable ONNX model" in out and "Traceback" not in out, out
 
 
 def test_a_model_without_a_kv_cache_is_refused(tmp_path):

@@ -191,8 +191,7 @@ def generate(model_path: str | Path, prompt: str, opts: SamplingOptions | None =
     model_dir = path if path.is_dir() else path.parent
     path = path / "model.onnx" if path.is_dir() else path
     if not path.is_file():
-        raise TorqError(f"no ONNX model at {path}")
-    models.check_onnx_file(path)
+        raise TorqError(f"no ONNX model at {path}")  # the file's content is checked as load_session reads it, once
     tok_dir = models.find_tokenizer_dir(path)
     if tok_dir is None:
         raise TorqError(f"no tokenizer next to {path} (expected {model_dir / 'tokenizer'}): generation needs one")
