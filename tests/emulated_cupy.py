@@ -7,13 +7,14 @@ what stays GPU-only is the GPU's own execution of them and real device memory.""
 
 from __future__ import annotations
 
-import subprocess
 import types
 from pathlib import Path
 
 import numpy as np
 
 from torq_onnx.runtime_ops import cuda
+
+from test_cuda_emulated import run  # a harness run: its float32 outputs, checked for size
 
 
 class DeviceArray(np.ndarray):
@@ -40,14 +41,6 @@ def module() -> types.ModuleType:
     return cp
 
 
-def _harness_run(harness: Path, args: list, data: bytes, n_out: int) -> np.ndarray:
-    res = subprocess.run([str(harness), *map(str, args)], input=data, capture_output=True, timeout=300)
-    assert res.returncode == 0, res.stderr.decode()[-3000:]
-    out = np.frombuffer(res.stdout, dtype=np.float32)
-    assert out.size == n_out, (out.size, n_out)
-    return out
-
-
 def kernels(harness: Path, launches: list | None = None):
     """A stand-in for cuda._kernel: ``kernels(harness)(name)`` is a launcher of that kernel,
     called as CuPy's RawKernel is, ``(grid, block, args)``, that runs it on ``harness`` and
@@ -62,19 +55,19 @@ def kernels(harness: Path, launches: list | None = None):
             if name == "mxfp4_fake_quant":
                 z, y, n_blocks, bump = args
                 n = int(n_blocks) * 32
-                y.reshape(-1)[:n] = _harness_run(harness, [name, gx, gy, block[0], int(n_blocks), repr(float(bump))],
-                                                 z.reshape(-1)[:n].tobytes(), n)
+                y.reshape(-1)[:n] = run(harness, [name, gx, gy, block[0], int(n_blocks), repr(float(bump))],
+                                        z.reshape(-1)[:n].tobytes(), n)
             elif name == cuda.MIX_KERNEL:
                 x, r, out, columns, groups, width = args
                 n = int(columns) * int(groups)
-                got = _harness_run(harness, [name, gx, gy, block[0], int(columns) // int(width), int(groups), int(width)],
-                                   x.reshape(-1)[:n].tobytes() + r.tobytes(), 2 * n)
+                got = run(harness, [name, gx, gy, block[0], int(columns) // int(width), int(groups), int(width)],
+                          x.reshape(-1)[:n].tobytes() + r.tobytes(), 2 * n)
                 out.reshape(-1)[:n] = got[:n]
             elif name in rotate_names:
                 x, r, y, z, n_rows, n_blocks, r_stride, bump = args
                 n = int(n_rows) * int(n_blocks) * 32
-                got = _harness_run(harness, [name, gx, gy, block[0], int(n_rows), int(n_blocks), int(r_stride), repr(float(bump))],
-                                   x.reshape(-1)[:n].tobytes() + r.tobytes(), 2 * n)
+                got = run(harness, [name, gx, gy, block[0], int(n_rows), int(n_blocks), int(r_stride), repr(float(bump))],
+                          x.reshape(-1)[:n].tobytes() + r.tobytes(), 2 * n)
                 y.reshape(-1)[:n] = got[:n]
                 if not isinstance(z, int):  # 0: no rotated-values output (a null pointer)
                     z.reshape(-1)[:n] = got[n:]

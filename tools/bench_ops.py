@@ -182,12 +182,12 @@ def cuda_table(dims: list[int], tokens: list[int]) -> None:
                 # the compiled op in a whole-graph ORT CUDA session (its default kernel, cuda.DEFAULT_ROTATE_KERNEL)
                 t_lib = ort_cuda_ms(session(model, "CUDAExecutionProvider", lib), feeds, "y") if lib else float("nan")
                 for kernel in cuda.ROTATE_KERNELS:
-                    for mix in (cuda.MIX_ROUTES if name == "torq" else ("-",)):
-                        q = cuda.RotateQuantizer(ri, rk, kernel=kernel, **({} if mix == "-" else {"mix": mix}))
-                        t_mix = gpu_ms(lambda: q.mixed(xd)) if mix != "-" else float("nan")
+                    for mix in (cuda.MIX_ROUTES if name == "torq" else (None,)):  # wush: no R_inter to mix
+                        q = cuda.RotateQuantizer(ri, rk, kernel=kernel, mix=mix or cuda.DEFAULT_MIX_ROUTE)
+                        t_mix = gpu_ms(lambda: q.mixed(xd)) if mix else float("nan")
                         t_ours = gpu_ms(lambda: q(xd))
                         gbps = 2 * x.nbytes / t_ours / 1e6
-                        print(f"{d:>5} {t:>6} {name:>6} {kernel:>6} {mix:>6} {t_mix:>6.3f} {t_ours:>8.3f} {gbps:>6.0f} "
+                        print(f"{d:>5} {t:>6} {name:>6} {kernel:>6} {mix or '-':>6} {t_mix:>6.3f} {t_ours:>8.3f} {gbps:>6.0f} "
                               f"{100 * gbps / copy_gbps:>5.0f}% {t_fn:>9.3f} {t_lib:>10.3f} {t_fn / t_ours:>7.1f}x {t_mm:>9.3f} "
                               f"{100 * t_ours / t_mm:>8.1f}% {floor:>5.1f}%")
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (last size); floor: op/MatMul for an op at copy bandwidth; "

@@ -12,6 +12,11 @@ from pathlib import Path
 from torq_onnx.errors import TorqError
 
 
+def is_within(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (both resolved by the caller)."""
+    return path == folder or folder in path.parents
+
+
 def require_writable(folder: Path) -> None:
     """Raise a TorqError unless entries can be created in ``folder`` or, where it does not
     exist yet, in its nearest existing ancestor. A probe folder is made and removed: write
@@ -45,8 +50,7 @@ def check_output_folder(path: str | Path, replaceable: Callable[[Path], bool], w
         raise TorqError("the output folder cannot be the file-system root")
     if p.exists() and not p.is_dir():
         raise TorqError(f"output folder {path} exists and is a file")
-    here = Path.cwd().resolve()
-    if p.resolve() == here or p.resolve() in here.parents:
+    if is_within(Path.cwd().resolve(), p.resolve()):
         raise TorqError(f"output folder {path} is the current folder or holds it: the output replaces its folder whole, "
                         "so give a new one, e.g. -o torq-out")
     if p.is_dir() and any(p.iterdir()) and not replaceable(p):
@@ -63,8 +67,7 @@ def refuse_inputs_inside(out: Path, inputs: dict[str, str | Path | None]) -> Non
     for what, path in inputs.items():
         if path is None or not Path(path).exists():
             continue
-        p = Path(path).resolve()
-        if p == out or out in p.parents:
+        if is_within(Path(path).resolve(), out):
             raise TorqError(f"{what} {path} is inside the output folder {out}, which the output replaces whole: "
                             "move it out of that folder or give another output folder")
 

@@ -228,23 +228,27 @@ def model_facts(model_ir: ir.Model, hf_dir: Path | None) -> dict:
     return facts
 
 
-def is_export_folder(folder: Path) -> bool:
-    """Whether ``folder`` holds an earlier torq-onnx export (its report.json names our
-    version), which a new export to the same folder may replace."""
+def export_report(folder: Path) -> dict | None:
+    """The report.json of an earlier torq-onnx export in ``folder`` (it names our version), or
+    None where ``folder`` holds none."""
     try:
         report = json.loads((folder / "report.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and "torq_onnx_version" in report
+        return None
+    return report if isinstance(report, dict) and "torq_onnx_version" in report else None
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier torq-onnx export, which a new export to the same
+    folder may replace."""
+    return export_report(folder) is not None
 
 
 def added_entries(folder: Path) -> list[str]:
     """The entries of an earlier export's folder that the export did not write (files a user
-    put there), by the list its report.json keeps; none known for an export without one."""
-    try:
-        written = json.loads((folder / "report.json").read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return []
+    put there), by the list its report.json keeps; none known for an export without one, or
+    for a folder that holds no export."""
+    written = (export_report(folder) or {}).get("files")
     if not isinstance(written, list):
         return []
     return sorted(p.name for p in folder.iterdir() if p.name not in written)
@@ -253,7 +257,7 @@ def added_entries(folder: Path) -> list[str]:
 def check_out_dir(out_dir: str | Path) -> Path:
     """``out_dir`` made absolute, once it is known that an export may be written there."""
     p = check_output_folder(out_dir, is_export_folder, "an earlier torq-onnx export")
-    added = added_entries(p) if p.is_dir() and is_export_folder(p) else []
+    added = added_entries(p) if p.is_dir() else []
     if added:
         names = ", ".join(added[:5]) + (f" and {len(added) - 5} more" if len(added) > 5 else "")
         raise TorqError(f"output folder {out_dir} is an earlier export that also holds what it did not write ({names}): "
