@@ -68,6 +68,37 @@ def test_an_earlier_export_holding_a_users_files_is_refused_and_kept(tmp_path, n
     assert pipeline.check_out_dir(out) == out  # only what it wrote: replaceable
 
 
+def test_a_users_file_inside_an_earlier_exports_tokenizer_folder_is_named(tmp_path, no_work):
+    """The report lists the paths inside tokenizer/ too, so a file added there is named (by its
+    path) and kept; a folder the export did not write is named once."""
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    files = ["model.onnx", "report.json", "tokenizer/", "tokenizer/tokenizer.json"]
+    (out / "report.json").write_text(json.dumps({"torq_onnx_version": "0", "files": files}))
+    (out / "model.onnx").write_text("a model")
+    assert pipeline.added_entries(out) == []
+    (out / "tokenizer" / "vocab-notes.txt").write_text("mine")
+    (out / "mine" / "deep").mkdir(parents=True)
+    (out / "mine" / "deep" / "a.txt").write_text("mine")
+    before = tree(out)
+    assert pipeline.added_entries(out) == ["mine", "tokenizer/vocab-notes.txt"]
+    msg = invoke("export", "-o", str(out))
+    assert "also holds what it did not write (mine, tokenizer/vocab-notes.txt)" in msg, msg
+    assert tree(out) == before
+
+
+def test_a_top_level_file_list_counts_its_folders_as_written_whole(tmp_path):
+    """Exports whose list names only top-level entries ("tokenizer", no trailing /) stay
+    replaceable: whatever lies in such a folder counts as the export's."""
+    out = tmp_path / "out"
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "anything.json").write_text("{}")
+    (out / "report.json").write_text(json.dumps({"torq_onnx_version": "0", "files": ["report.json", "tokenizer"]}))
+    assert pipeline.added_entries(out) == []
+    assert pipeline.check_out_dir(out) == out
+
+
 @pytest.mark.parametrize("given", ["model", "--text", "--tokenizer"])
 def test_an_input_inside_the_output_folder_is_refused_and_kept(tmp_path, no_work, given):
     """An earlier export's folder may be replaced, but not while it holds an input of the new
@@ -140,7 +171,10 @@ def test_an_empty_folder_or_an_earlier_export_may_be_replaced(tmp_path, exported
     assert pipeline.is_export_folder(earlier)
     assert pipeline.check_out_dir(earlier) == earlier
     # its report lists everything it wrote
-    assert pipeline.added_entries(earlier) == [] and "model.onnx" in json.loads((earlier / "report.json").read_text())["files"]
+    files = json.loads((earlier / "report.json").read_text())["files"]
+    assert pipeline.added_entries(earlier) == [] and "model.onnx" in files
+    inside = [p.relative_to(earlier).as_posix() for p in (earlier / "tokenizer").rglob("*") if p.is_file()]
+    assert inside and {"tokenizer/", *inside} <= set(files)  # the paths inside tokenizer/ too
     (empty / "report.json").write_text("{not json")
     assert not pipeline.is_export_folder(empty)
 

@@ -244,14 +244,43 @@ def is_export_folder(folder: Path) -> bool:
     return export_report(folder) is not None
 
 
+def written_paths(extras: dict[str, object]) -> list[str]:
+    """What an export writes, as report.json's ``files`` lists it: the model files and every
+    extra, and for an extra that is a folder (tokenizer/) the folder as ``name/`` and each
+    path inside it (POSIX, relative to OUT; folders again with a trailing ``/``)."""
+    paths = {*MODEL_FILES}
+    for name, obj in extras.items():
+        if isinstance(obj, Path) and obj.is_dir():
+            paths.add(f"{name}/")
+            paths.update(f"{name}/{p.relative_to(obj).as_posix()}{'/' if p.is_dir() else ''}" for p in obj.rglob("*"))
+        else:
+            paths.add(name)
+    return sorted(paths)
+
+
 def added_entries(folder: Path) -> list[str]:
-    """The entries of an earlier export's folder that the export did not write (files a user
-    put there), by the list its report.json keeps; none known for an export without one, or
-    for a folder that holds no export."""
+    """The paths in an earlier export's folder that the export did not write (files a user
+    put there, also inside its tokenizer/), by the list its report.json keeps; none known for
+    an export without one, or for a folder that holds no export. A folder the list names
+    without a trailing ``/`` (lists of top-level entries only) counts as written whole."""
     written = (export_report(folder) or {}).get("files")
     if not isinstance(written, list):
         return []
-    return sorted(p.name for p in folder.iterdir() if p.name not in written)
+    listed = set(written)
+    added: list[str] = []
+
+    def walk(d: Path, prefix: str) -> None:
+        for p in sorted(d.iterdir()):
+            rel = prefix + p.name
+            if rel in listed:
+                continue
+            if p.is_dir() and not p.is_symlink() and rel + "/" in listed:
+                walk(p, rel + "/")
+            else:
+                added.append(rel)  # a folder the export did not write is named once, not file by file
+
+    walk(folder, "")
+    return added
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -280,7 +309,7 @@ def write_output(model_ir: ir.Model, out_dir: str | Path, tokenizer_files: Path,
         extras[genai.CONFIG_FILE] = config
         extras.update({f: (tokenizer_files / f).read_bytes() for f in genai.TOKENIZER_FILES if (tokenizer_files / f).is_file()})
     # what this export writes, so that a later export into OUT can tell a user's files from its own
-    report["files"] = sorted({*MODEL_FILES, *extras})
+    report["files"] = written_paths(extras)
     return save_atomic(model_ir, out_dir, extras)
 
 
