@@ -168,16 +168,42 @@ def _tool_version(tool: str) -> str:
         return ""
 
 
+ARCH_PATTERN = re.compile(r"sm_\d{2,3}[af]?")  # nvcc's real architectures: sm_80, sm_90, sm_90a, sm_100f
+
+
+def check_build_options(cuda: bool, kernel: str | None, archs: tuple[str, ...] | None) -> None:
+    """A TorqError naming the option, before any header fetch or compiler run: a CUDA option
+    given without ``cuda`` (a CPU build would ignore it), an unknown kernel, no or a
+    malformed architecture (``archs`` None: the default ones)."""
+    from torq_onnx.runtime_ops import cuda as cuda_ops
+
+    if not cuda:
+        if kernel is not None or archs is not None:
+            raise TorqError("--kernel and --arch choose the CUDA build: add --cuda (the CPU build has neither)")
+        return
+    if kernel is not None:
+        cuda_ops.rotate_kernel(kernel)  # a ValueError naming the choices
+    if archs is None:
+        return
+    if not archs:
+        raise TorqError("--arch: name at least one GPU architecture (e.g. sm_90)")
+    bad = [a for a in archs if not ARCH_PATTERN.fullmatch(a)]
+    if bad:
+        raise TorqError(f"--arch {bad[0]!r} is not a GPU architecture of the form sm_NN (e.g. sm_80, sm_90, sm_90a)")
+
+
 def build_library(cuda: bool = False, include: str | Path | None = None, kernel: str | None = None,
-                  archs: tuple[str, ...] = DEFAULT_CUDA_ARCHS, output: str | Path | None = None, strict: bool = False) -> Path:
+                  archs: tuple[str, ...] | None = None, output: str | Path | None = None, strict: bool = False) -> Path:
     """Build the custom-op library (CPU kernel; with ``cuda`` also the CUDA EP kernel, the
-    fused ``kernel`` of :data:`cuda.ROTATE_KERNELS` for ``archs``) and return its path.
+    fused ``kernel`` of :data:`cuda.ROTATE_KERNELS` for ``archs``, by default
+    :data:`DEFAULT_CUDA_ARCHS`) and return its path.
 
     Without ``output`` it goes to the cache and is reused while sources, compiler, flags and
     headers stay the same. The file appears whole or not at all (built under a temporary
     name, then renamed); a compiler error is a TorqError with the compiler's message."""
+    check_build_options(cuda, kernel, archs)
     inc = ort_headers(include)
-    command = compile_command(inc, cuda, kernel, archs, strict)
+    command = compile_command(inc, cuda, kernel, archs or DEFAULT_CUDA_ARCHS, strict)
     if output is None:
         key = hashlib.sha256()
         for name in (*(CUDA_SOURCES if cuda else CPU_SOURCES), *HEADERS):

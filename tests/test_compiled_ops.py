@@ -344,3 +344,24 @@ def test_cli_builds_the_library_and_scores_with_it(library, exported_decoder):
         assert res.exit_code == 0, res.output
         scores.append(float(res.output.split("perplexity")[1].split()[0]))
     assert abs(scores[0] - scores[1]) < 0.02 * scores[0]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--kernel", "warp"], "--kernel and --arch choose the CUDA build: add --cuda"),
+    (["--arch", "sm_90"], "--kernel and --arch choose the CUDA build: add --cuda"),
+    (["--cuda", "--arch", "90"], "--arch '90' is not a GPU architecture of the form sm_NN"),
+    (["--cuda", "--kernel", "wrap"], "unknown kernel 'wrap'; choose from ['thread', 'warp']"),
+])
+def test_build_ops_names_a_bad_option_before_any_build(monkeypatch, tmp_path, args, message):
+    """A CUDA option without --cuda (which the CPU build would silently ignore), a malformed
+    architecture or an unknown kernel is one line naming it, before headers are fetched or a
+    compiler runs."""
+    from typer.testing import CliRunner
+
+    from torq_onnx.cli import app
+
+    monkeypatch.setattr(compiled, "ort_headers", lambda *a, **k: pytest.fail("the headers were sought despite a bad option"))
+    res = CliRunner().invoke(app, ["build-ops", *args, "-o", str(tmp_path / "lib.so")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert message in " ".join(res.output.split())
+    assert not any(tmp_path.iterdir())

@@ -237,7 +237,7 @@ def build_ops(
     from torq_onnx.runtime_ops import compiled
 
     try:
-        path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch or compiled.DEFAULT_CUDA_ARCHS),
+        path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch) if arch else None,
                                       output=out)
         if genai is not None:
             path = bundle_custom_ops(genai, path)
