@@ -20,6 +20,29 @@ def gpu_visible() -> bool:
     return bool(smi) and subprocess.run([smi, "-L"], capture_output=True, text=True).stdout.startswith("GPU ")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--emulated-cupy", action="store_true",
+                     help="rehearse the CuPy route's GPU tests on the CPU (pytest -m gpu --emulated-cupy): CuPy replaced "
+                          "by tests/emulated_cupy.py, each kernel launch run on the host emulator of CUDA threads; the "
+                          "tests that need ORT's CUDA EP still skip")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # before collection: the GPU modules read cuda.available() when they are imported
+    if config.getoption("--emulated-cupy"):
+        import tempfile
+        from pathlib import Path
+
+        import emulated_cupy
+        from test_cuda_emulated import CXX, build_harness
+
+        if CXX is None:
+            raise pytest.UsageError("--emulated-cupy needs a C++20 compiler (g++) for the kernel emulator")
+        folder = tempfile.mkdtemp(prefix="torq-emulated-cupy-")
+        config.add_cleanup(lambda: shutil.rmtree(folder, ignore_errors=True))
+        emulated_cupy.install(build_harness(Path(folder) / "kernel_harness"))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # onnxruntime-gpu lists its CUDA EP wherever it is installed, GPU or not: without a GPU a
     # CUDA session silently runs on the CPU, so a `gpu` test would fail rather than skip

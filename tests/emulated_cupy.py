@@ -7,6 +7,7 @@ what stays GPU-only is the GPU's own execution of them and real device memory.""
 
 from __future__ import annotations
 
+import sys
 import types
 from pathlib import Path
 
@@ -37,8 +38,26 @@ def module() -> types.ModuleType:
     cp.ascontiguousarray = lambda a, dtype=None: _device(np.ascontiguousarray(a, dtype))
     cp.empty_like = lambda a: _device(np.empty_like(a))
     cp.full = lambda shape, value, dtype=None: _device(np.full(shape, value, dtype))
+    cp.eye = lambda n, dtype=None: _device(np.eye(n, dtype=dtype))
     cp.matmul = lambda a, b: _device(np.matmul(a, b))
+    # one device, so cuda.available() is True; its work is done when a launch returns
+    device = types.SimpleNamespace(id=0, synchronize=lambda: None)
+    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1), Device=lambda *a: device)
     return cp
+
+
+def install(harness: Path) -> None:
+    """For the rest of this process, ``import cupy`` gives the emulated module and cuda.py's
+    kernels launch on ``harness``: how ``pytest -m gpu --emulated-cupy`` runs the CuPy route's
+    GPU tests on the CPU (tests/conftest.py). ORT's CUDA and TensorRT EPs are taken off the
+    providers onnxruntime lists (onnxruntime-gpu lists them without a GPU too), so the tests
+    that need one skip: their device memory cannot be the emulator's numpy arrays."""
+    import onnxruntime as ort
+
+    sys.modules["cupy"] = module()
+    cuda._kernel = kernels(harness)
+    host = [p for p in ort.get_available_providers() if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+    ort.get_available_providers = lambda: list(host)
 
 
 def kernels(harness: Path, launches: list | None = None):

@@ -28,7 +28,9 @@
 # and puts that first on PYTHONPATH.
 # TORQ_VERIFY_DRY=1 rehearses the calls on a machine without a GPU: the carry's checksums and
 # unpacking, the install, the compiled library's CPU build against the carried headers, the
-# exports and the session stage's CPU rows (the CPU session and the library's CPU kernel).
+# GPU tests on the kernel emulator (pytest -m gpu --emulated-cupy: those that need ORT's CUDA
+# EP skip), the exports and the session stage's CPU rows (the CPU session and the library's
+# CPU kernel); of $TORQ_VERIFY_STAGES it runs tests, export and session (default: tests session).
 # Run from the repository root: bash tools/gpu_verify.sh [--quick]   (--quick: bench_ops without D=8192)
 set -uo pipefail
 # Logs go to gpu-verify-logs/, or, on the device (where $OUT is set and at most 8 files come
@@ -42,7 +44,10 @@ pack() { [ -z "$pack_to" ] || { tar czf "$pack_to.tmp" -C "$out" . && mv "$pack_
 trap pack EXIT
 stages=" ${TORQ_VERIFY_STAGES:-tests sanitizers ops profile split session} "
 dry=${TORQ_VERIFY_DRY:-}
-[ -z "$dry" ] || stages=" session "  # without a GPU, bench_cuda_session runs its CPU rows only
+if [ -n "$dry" ]; then  # without a GPU: the stages that have a CPU form (bench_cuda_session runs its CPU rows only)
+    stages=" "
+    for s in ${TORQ_VERIFY_STAGES:-tests session}; do case $s in tests | export | session) stages+="$s " ;; esac; done
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 status=0
@@ -89,7 +94,8 @@ kernel_inputs() {  # Python that sets up x [ROWS, 32 BLOCKS] and per-block R [BL
 has_cuda_ep() { python3 -c "import onnxruntime as o; raise SystemExit('CUDAExecutionProvider' not in o.get_available_providers())"; }
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$out/device.txt"
 if stage tests; then
-    python3 -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tee "$out/pytest_gpu.log" || status=1
+    # dry: on the kernel emulator, CuPy stood in for and ORT's CUDA EP taken away (tests/emulated_cupy.py)
+    python3 -m pytest -q -p no:cacheprovider -m gpu ${dry:+--emulated-cupy} 2>&1 | tee "$out/pytest_gpu.log" || status=1
 fi
 pack
 if stage sanitizers; then
