@@ -8,6 +8,7 @@ what stays GPU-only is the GPU's own execution of them and real device memory.""
 from __future__ import annotations
 
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def module() -> types.ModuleType:
     cp.float32 = np.float32
     cp.nan = np.nan
     cp.asarray = lambda a, dtype=None: _device(np.asarray(a, dtype))
+    cp.empty = lambda shape, dtype=None: _device(np.empty(shape, dtype))
+    cp.copyto = np.copyto
     cp.ascontiguousarray = lambda a, dtype=None: _device(np.ascontiguousarray(a, dtype))
     cp.empty_like = lambda a: _device(np.empty_like(a))
     cp.full = lambda shape, value, dtype=None: _device(np.full(shape, value, dtype))
@@ -42,8 +45,28 @@ def module() -> types.ModuleType:
     cp.matmul = lambda a, b: _device(np.matmul(a, b))
     # one device, so cuda.available() is True; its work is done when a launch returns
     device = types.SimpleNamespace(id=0, synchronize=lambda: None)
-    cp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1), Device=lambda *a: device)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"emulated CUDA device"})
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: device)
     return cp
+
+
+def profiler_module() -> types.ModuleType:
+    """``cupyx.profiler`` with its ``benchmark``, timing fn() on the host clock (the emulated
+    device has no other), at most one warm-up and two timed calls: an emulated time says
+    nothing of a GPU's, so only the code that takes it is exercised."""
+    def benchmark(fn, args=(), n_repeat: int = 10000, n_warmup: int = 10):
+        for _ in range(min(n_warmup, 1)):
+            fn(*args)
+        times = []
+        for _ in range(min(n_repeat, 2)):
+            t = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - t)
+        return types.SimpleNamespace(cpu_times=np.array(times), gpu_times=np.array([times]))
+
+    profiler = types.ModuleType("cupyx.profiler")
+    profiler.benchmark = benchmark
+    return profiler
 
 
 def install(harness: Path) -> None:

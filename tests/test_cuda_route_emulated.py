@@ -7,6 +7,7 @@ memory (pytest -m gpu)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -147,3 +148,27 @@ def test_the_gpu_tests_of_the_cupy_route_pass_on_the_emulator(tmp_path):
     assert all("onnxruntime-gpu" in line for line in skips), skips
     passed = re.search(r"(\d+) passed", res.stdout)
     assert passed and int(passed.group(1)) > 0, res.stdout[-2000:]
+
+
+def test_bench_ops_cuda_table_runs_on_the_emulator(launches, monkeypatch, capsys):
+    """tools/bench_ops.py's CUDA table (the README's GPU numbers come from it) runs its own code
+    unchanged on the emulated device, at a size the emulator runs quickly: a row per fused
+    kernel for wush and per kernel and mix route for torq, each with finite times, and the
+    fmaf route launching the group-mixing kernel."""
+    monkeypatch.setitem(sys.modules, "cupyx", type(sys)("cupyx"))
+    monkeypatch.setitem(sys.modules, "cupyx.profiler", emulated_cupy.profiler_module())
+    spec = importlib.util.spec_from_file_location("bench_ops", Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py")
+    bench_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ops)
+    bench_ops.cuda_table([64], [40])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.split()[:2] == ["64", "40"]]
+    got = sorted((r[2], r[3], r[4]) for r in rows)
+    want = sorted([*(("wush", k, "-") for k in cuda.ROTATE_KERNELS),
+                   *(("torq", k, m) for k in cuda.ROTATE_KERNELS for m in cuda.MIX_ROUTES)])
+    assert got == want, lines
+    for r in rows:
+        ours_ms, mix_ms = float(r[6]), float(r[5])
+        assert np.isfinite(ours_ms) and ours_ms > 0 and (np.isnan(mix_ms) if r[4] == "-" else mix_ms > 0), r
+    assert cuda.MIX_KERNEL in {name for name, _, _ in launches}
+    assert any(line.startswith("device-to-device copy:") for line in lines), lines
