@@ -7,6 +7,7 @@ what stays GPU-only is the GPU's own execution of them and real device memory.""
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import time
 import types
@@ -30,6 +31,33 @@ def _device(a) -> DeviceArray:
     return np.asarray(a).view(DeviceArray)
 
 
+class _UnownedMemory:
+    """``cupy.cuda.UnownedMemory``: ``size`` bytes at address ``ptr`` that ``owner`` keeps alive."""
+
+    def __init__(self, ptr: int, size: int, owner) -> None:
+        self.ptr, self.size, self.owner = ptr, size, owner
+
+
+class _MemoryPointer:
+    """``cupy.cuda.MemoryPointer``: an offset into a memory."""
+
+    def __init__(self, mem: _UnownedMemory, offset: int) -> None:
+        self.mem, self.ptr = mem, mem.ptr + offset
+
+
+def _ndarray(shape, dtype=float, memptr: _MemoryPointer | None = None) -> DeviceArray:
+    """``cupy.ndarray`` over ``memptr``'s memory (here host memory): a view, not a copy; a
+    shape larger than the memory is refused, as CuPy's bounds would be overrun."""
+    if memptr is None:
+        return _device(np.empty(shape, dtype))
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if memptr.ptr - memptr.mem.ptr + nbytes > memptr.mem.size:
+        raise ValueError(f"{nbytes} bytes from offset {memptr.ptr - memptr.mem.ptr} overrun a memory of {memptr.mem.size}")
+    view = np.frombuffer((ctypes.c_char * nbytes).from_address(memptr.ptr), dtype=dtype).reshape(shape).view(DeviceArray)
+    view.memory = memptr.mem  # keeps the owner alive while the view lives, as CuPy's does
+    return view
+
+
 def module() -> types.ModuleType:
     """A ``cupy`` module with what cuda.py calls."""
     cp = types.ModuleType("cupy")
@@ -44,9 +72,11 @@ def module() -> types.ModuleType:
     cp.eye = lambda n, dtype=None: _device(np.eye(n, dtype=dtype))
     cp.matmul = lambda a, b: _device(np.matmul(a, b))
     # one device, so cuda.available() is True; its work is done when a launch returns
+    cp.ndarray = _ndarray
     device = types.SimpleNamespace(id=0, synchronize=lambda: None)
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"emulated CUDA device"})
-    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: device)
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: device, UnownedMemory=_UnownedMemory,
+                                    MemoryPointer=_MemoryPointer)
     return cp
 
 

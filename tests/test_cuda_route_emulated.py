@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
@@ -24,6 +25,7 @@ from torq_onnx.pipeline import ExportOptions, rewrite
 from torq_onnx.runtime_ops import cuda, load_session
 from torq_onnx.runtime_ops import functions as F
 from torq_onnx.runtime_ops import reference as ref
+from torq_onnx.runtime_ops import split_runner
 from torq_onnx.runtime_ops.split_runner import SplitSession, cupy_kernel
 
 import emulated_cupy
@@ -128,11 +130,26 @@ def test_split_run_with_the_fmaf_route_is_the_library_session_bit_for_bit(librar
     onnx.save(ir.serde.serialize_model(model), path)
     feeds = batches(1, 40, seed=3)[0]
     op = cupy_kernel(mix="fmaf")
-    # on the GPU the kernel receives a CuPy view of the segment's output; here, its stand-in
-    split = SplitSession(path, kernel=lambda x, site: np.array(op(emulated_cupy.module().asarray(x), site).get()))
+    # on the GPU the kernel receives the segment's output as an OrtValue, which it views
+    # through CuPy without a copy (split_runner._cupy_view); here a CPU OrtValue, viewed alike
+    split = SplitSession(path, kernel=lambda x, site: np.array(op(ort.OrtValue.ortvalue_from_numpy(x), site).get()))
     logits = split.run(None, feeds)[0]
     assert cuda.MIX_KERNEL in {name for name, _, _ in launches}
     np.testing.assert_array_equal(logits, load_session(path, custom_ops=library).run(None, feeds)[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_the_cupy_view_of_an_ortvalue_is_its_buffer(launches, dtype):
+    """split_runner._cupy_view, how the kernel reads a segment's output on the GPU: the
+    OrtValue's dtype (from ORT's "tensor(float16)" spelling) and shape over its own memory,
+    not a copy (a write through the view is the OrtValue's)."""
+    x = (np.arange(2 * 3 * 64).reshape(2, 3, 64) / 7).astype(dtype)
+    value = ort.OrtValue.ortvalue_from_numpy(x)
+    view = split_runner._cupy_view(value)
+    assert view.dtype == dtype and view.shape == x.shape
+    np.testing.assert_array_equal(view.get(), x)
+    view[1, 2, 63] = 5
+    assert value.numpy()[1, 2, 63] == 5
 
 
 def test_the_gpu_tests_of_the_cupy_route_pass_on_the_emulator(tmp_path):
