@@ -168,7 +168,7 @@ class SplitSession:
         if device == "cuda" and io_binding is False:
             raise TorqError("device='cuda' runs with IOBinding: io_binding=False is for CPU only")
         self.io_binding = device == "cuda" if io_binding is None else io_binding
-        model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+        model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else _read_model(path_or_model)
         if last_position_logits:
             from torq_onnx.last_logits import slice_logits_to_last_position  # imports runtime_ops: not at module level
 
@@ -182,9 +182,12 @@ class SplitSession:
         self.outputs = [o.name for o in self._outputs]
         self._run_options = None
         if device == "cuda":
-            import cupy as cp
-
             require_installed(["CUDAExecutionProvider"], "the split model (device='cuda')")
+            try:
+                import cupy as cp
+            except ImportError as exc:
+                raise TorqError(f"device='cuda' runs the kernels through CuPy, which does not import here ({exc}): "
+                                "install the gpu extra (pip install -e '.[gpu]', without the CPU onnxruntime)") from None
             with cp.cuda.Device(device_id):
                 self.stream = cp.cuda.Stream(non_blocking=True)
             options = {**(cuda_options or {}), "device_id": device_id, "user_compute_stream": str(self.stream.ptr)}
@@ -268,6 +271,24 @@ class SplitSession:
         import onnxruntime as ort
 
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+
+
+def _read_model(path) -> onnx.ModelProto:
+    """The model at ``path`` with its external data, or a TorqError naming what is wrong (no
+    file, not an ONNX model, external data that cannot be read)."""
+    from pathlib import Path
+
+    from torq_onnx.models import check_onnx_file  # imports runtime_ops: not at module level
+
+    p = Path(path)
+    if not p.is_file():
+        raise TorqError(f"no ONNX model at {p}")
+    model = check_onnx_file(p)
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:  # onnx checks the data file is there
+        raise TorqError(f"the external data of {p} could not be read: {exc}") from None
+    return model
 
 
 def _to_host(value) -> np.ndarray:

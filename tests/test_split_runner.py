@@ -3,6 +3,8 @@ them) against the whole-graph session, on CPU: the route the CUDA kernel takes."
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -136,3 +138,40 @@ def test_cupy_kernel_names_a_bad_choice_when_it_is_made(kwargs, message):
 
     with pytest.raises(ValueError, match=message):
         cupy_kernel(**kwargs)
+
+
+def test_a_bad_model_path_or_a_missing_cuda_stack_is_named(tmp_path, monkeypatch):
+    """SplitSession's bad inputs are TorqErrors naming the problem, as load_session's are: no
+    file, a file that is not ONNX, external data that is missing; and device='cuda' where
+    this onnxruntime has no CUDA EP, or (with one) CuPy does not import."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from torq_onnx.errors import TorqError
+    from torq_onnx.runtime_ops import split_runner
+
+    with pytest.raises(TorqError, match="no ONNX model at"):
+        SplitSession(tmp_path / "missing.onnx")
+    (tmp_path / "notes.onnx").write_text("not a model")
+    with pytest.raises(TorqError, match="is not a readable ONNX model"):
+        SplitSession(tmp_path / "notes.onnx")
+    w = numpy_helper.from_array(np.eye(64, dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [w])
+    path = tmp_path / "ext.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path, save_as_external_data=True,
+              location="ext.data", size_threshold=0)
+    x = np.arange(128, dtype=np.float32).reshape(2, 64)
+    np.testing.assert_array_equal(SplitSession(path).run(None, {"x": x})[0], x)  # its external weights read
+    (tmp_path / "ext.data").unlink()
+    with pytest.raises(TorqError, match="the external data of .*ext.onnx could not be read"):
+        SplitSession(path)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(tiny_transformer().SerializeToString())
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(TorqError, match="this onnxruntime has no CUDAExecutionProvider"):
+            SplitSession(model, device="cuda")
+    monkeypatch.setattr(split_runner, "require_installed", lambda *a: None)  # as with onnxruntime-gpu
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy fails
+    with pytest.raises(TorqError, match="CuPy, which does not import here"):
+        SplitSession(model, device="cuda")
