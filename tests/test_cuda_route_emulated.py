@@ -168,6 +168,30 @@ def test_the_gpu_tests_of_the_cupy_route_pass_on_the_emulator(tmp_path):
     assert passed and int(passed.group(1)) > 0, res.stdout[-2000:]
 
 
+def tool(name: str):
+    """The module of tools/NAME.py."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_verifys_sanitizer_and_profile_cases_run_on_the_emulator(launches, capsys):
+    """tools/gpu_cases.py, what compute-sanitizer and Nsight Compute run on a GPU: the sanitizer
+    case's own checks pass (the fused kernels agree, the group mix is float64's), and the
+    profile case launches each fused kernel twice (ncu profiles the second)."""
+    cases = tool("gpu_cases")
+    cases.main(["sanitizer"])
+    assert "sanitizer case ran" in capsys.readouterr().out
+    assert {name for name, _, _ in launches} == {*(k.name for k in cuda.ROTATE_KERNELS.values()), cuda.MIX_KERNEL}
+    launches.clear()
+    cases.main(["profile", "40", "3"])
+    names = [name for name, _, _ in launches]
+    assert sorted(names) == sorted(2 * [k.name for k in cuda.ROTATE_KERNELS.values()])
+    with pytest.raises(SystemExit, match="gpu_cases.py sanitizer"):
+        cases.main(["profile", "40"])
+
+
 def test_bench_ops_cuda_table_runs_on_the_emulator(launches, monkeypatch, capsys):
     """tools/bench_ops.py's CUDA table (the README's GPU numbers come from it) runs its own code
     unchanged on the emulated device, at a size the emulator runs quickly: a row per fused
@@ -175,10 +199,7 @@ def test_bench_ops_cuda_table_runs_on_the_emulator(launches, monkeypatch, capsys
     fmaf route launching the group-mixing kernel."""
     monkeypatch.setitem(sys.modules, "cupyx", type(sys)("cupyx"))
     monkeypatch.setitem(sys.modules, "cupyx.profiler", emulated_cupy.profiler_module())
-    spec = importlib.util.spec_from_file_location("bench_ops", Path(__file__).resolve().parents[1] / "tools" / "bench_ops.py")
-    bench_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_ops)
-    bench_ops.cuda_table([64], [40])
+    tool("bench_ops").cuda_table([64], [40])
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines if line.split()[:2] == ["64", "40"]]
     got = sorted((r[2], r[3], r[4]) for r in rows)

@@ -86,11 +86,6 @@ if [ -d "$site/nvidia" ]; then
     libs=$(find "$site/nvidia" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)
     export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
-kernel_inputs() {  # Python that sets up x [ROWS, 32 BLOCKS] and per-block R [BLOCKS, 32, 32] on the GPU
-    printf '%s\n' "import cupy as cp, numpy as np" "from torq_onnx.runtime_ops import cuda" "rng = np.random.default_rng(0)" \
-        "x = cp.asarray(rng.standard_normal(($1, 32 * $2)).astype(np.float32))" \
-        "r = cp.asarray((rng.standard_normal(($2, 32, 32)) / np.sqrt(32)).astype(np.float32))"
-}
 has_cuda_ep() { python3 -c "import onnxruntime as o; raise SystemExit('CUDAExecutionProvider' not in o.get_available_providers())"; }
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" 2>&1 | tee -a "$out/device.txt"
 if stage tests; then
@@ -99,20 +94,11 @@ if stage tests; then
 fi
 pack
 if stage sanitizers; then
-    # A small case for the sanitizers (they slow kernels down by orders of magnitude): both fused
-    # kernels on 133 rows x 5 blocks (a partial row tile, a partial step, idle warps), per-block R,
-    # and the group-mixing kernel with 40 groups of 4 (two tiles of h, so its tiles are restaged).
-    case="$(kernel_inputs 133 5)
-ys = [cuda.block_rotate_quantize(x, r, kernel=k).get() for k in cuda.ROTATE_KERNELS]
-assert all(np.array_equal(y, ys[0]) for y in ys), 'the fused kernels disagree'
-ri = np.linalg.qr(rng.standard_normal((40, 40)))[0].astype(np.float32)
-mixed = cuda.group_mix(x, cp.asarray(ri)).get()
-want = np.einsum('gh,nhk->ngk', ri.astype(np.float64), x.get().reshape(133, 40, 4).astype(np.float64)).reshape(133, -1)
-assert np.allclose(mixed, want, rtol=1e-4, atol=1e-4), 'the group mix is off'
-print('sanitizer case ran', sorted(cuda.ROTATE_KERNELS), cuda.MIX_KERNEL)"
+    # tools/gpu_cases.py's small case: both fused kernels and the group-mixing kernel (the sanitizers
+    # slow kernels down by orders of magnitude)
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck synccheck; do
-            timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -c "$case" >"$out/sanitizer_$tool.log" 2>&1 || status=1
+            timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 tools/gpu_cases.py sanitizer >"$out/sanitizer_$tool.log" 2>&1 || status=1
             echo "compute-sanitizer $tool: $(grep -E 'ERROR SUMMARY|sanitizer case|Error' "$out/sanitizer_$tool.log" | tr '\n' ' ')"
         done
     else
@@ -125,11 +111,6 @@ if stage ops; then
 fi
 pack
 if stage profile; then
-    case="$(kernel_inputs 8192 128)
-for k in sorted(cuda.ROTATE_KERNELS):
-    for _ in range(2):  # ncu skips the first launch of each (compilation, first touch)
-        cuda.block_rotate_quantize(x, r, kernel=k)
-cp.cuda.Device().synchronize()"
     ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     if [ -n "$ncu" ]; then
         for kernel in $(python3 -c "from torq_onnx.runtime_ops import cuda; print(' '.join(s.name for s in cuda.ROTATE_KERNELS.values()))"); do
@@ -137,7 +118,7 @@ cp.cuda.Device().synchronize()"
             timeout 240 "$ncu" --clock-control none --kernel-name "$kernel" --launch-skip 1 --launch-count 1 \
                 --section SpeedOfLight --section ComputeWorkloadAnalysis --section SchedulerStats --section Occupancy \
                 --section WarpStateStats --section MemoryWorkloadAnalysis \
-                python3 -c "$case" >"$out/ncu_$kernel.txt" 2>&1
+                python3 tools/gpu_cases.py profile >"$out/ncu_$kernel.txt" 2>&1
             echo "ncu $kernel (rc $?): $(grep -E 'Memory Throughput|Compute \(SM\) Throughput|Issue Slots Busy|Achieved Occupancy|DRAM Throughput|ERR|Error' "$out/ncu_$kernel.txt" | tr -s ' ' | tr '\n' ';')"
         done
     else
