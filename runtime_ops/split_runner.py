@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -276,8 +277,6 @@ class SplitSession:
 def _read_model(path) -> onnx.ModelProto:
     """The model at ``path`` with its external data, or a TorqError naming what is wrong (no
     file, not an ONNX model, external data that cannot be read)."""
-    from pathlib import Path
-
     from torq_onnx.models import check_onnx_file  # imports runtime_ops: not at module level
 
     p = Path(path)
