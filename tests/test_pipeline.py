@@ -273,6 +273,8 @@ def test_cli_inspect(tmp_path, method):
     packed = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.name.endswith(("codes", "scales")))
     assert packed > 0 and f"MXFP4 (codes and scales) {packed / 2**20:.1f} MiB" in rows["weights"], rows
     assert rows["files"] == f"model.onnx {path.stat().st_size / 2**20:.1f} MiB"
+    folder = CliRunner().invoke(app, ["inspect", str(path.parent)], env={"COLUMNS": "200"})  # OUT, as eval and generate take it
+    assert folder.exit_code == 0 and folder.output.split("\n", 1)[1] == res.output.split("\n", 1)[1], folder.output
 
 
 def test_inspect_names_external_weight_files_and_their_sizes(tmp_path):

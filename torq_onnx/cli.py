@@ -197,7 +197,7 @@ def generate(
 
 
 @app.command()
-def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx (or any ONNX model)")) -> None:
+def inspect(model_onnx: Path = typer.Argument(..., help="An exported model.onnx (or any ONNX model), or an export's folder")) -> None:
     """Summarize an ONNX model without loading its weights.
 
     The export's settings, the torq ops, the transforms' shapes, inputs and outputs, weight

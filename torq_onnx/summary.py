@@ -43,9 +43,11 @@ def _shapes(tensors: list[TensorProto]) -> str:
 
 
 def summarize(path: Path) -> list[tuple[str, str]]:
-    """(field, value) rows describing the model at ``path``; a TorqError for a missing or
-    unreadable file."""
+    """(field, value) rows describing the model at ``path`` (an .onnx file, or an export's
+    folder: its model.onnx); a TorqError for a missing or unreadable file."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "model.onnx"
     if not path.is_file():
         raise TorqError(f"no file at {path}")
     m = check_onnx_file(path)
