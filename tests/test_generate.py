@@ -357,9 +357,15 @@ def test_genai_runs_the_compiled_ops_bundled_into_the_export(library, w4a4_expor
         og.Model(str(out))
 
 
-def test_bundling_needs_a_genai_export(tmp_path):
+def test_bundling_needs_a_genai_export(tmp_path, monkeypatch):
+    """A folder without a genai config, or no folder, is named before the library is built."""
+    from torq_onnx.runtime_ops import compiled
+
+    monkeypatch.setattr(compiled, "build_library", lambda *a, **k: pytest.fail("the library was built for a wrong --genai"))
     res = CliRunner().invoke(app, ["build-ops", "--genai", str(tmp_path)])
-    assert res.exit_code != 0 and "no genai_config.json" in res.output
+    assert res.exit_code == 2 and "no genai_config.json" in res.output, res.output
+    res = CliRunner().invoke(app, ["build-ops", "--genai", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and "no export folder at" in res.output, res.output
 
 
 def test_large_exports_use_external_data_and_load_back(tiny_llama_dir, tmp_path, monkeypatch):

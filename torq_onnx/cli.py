@@ -233,10 +233,12 @@ def build_ops(
 
     Load it with SessionOptions.register_custom_ops_library(PATH), or pass --custom-ops to
     eval/generate, or bundle it into an export for onnxruntime-genai with --genai OUT."""
-    from torq_onnx.genai import bundle_custom_ops
+    from torq_onnx.genai import bundle_config, bundle_custom_ops
     from torq_onnx.runtime_ops import compiled
 
     try:
+        if genai is not None:
+            bundle_config(genai)  # a wrong folder is named before a build that can take minutes
         path = compiled.build_library(cuda=cuda, include=ort_include, kernel=kernel, archs=tuple(arch) if arch else None,
                                       output=out)
         if genai is not None:

@@ -62,15 +62,24 @@ def genai_config(model_ir: ir.Model, hf_dir: Path | None) -> dict | None:
     }
 
 
+def bundle_config(out_dir: Path) -> Path:
+    """The genai config of the export ``out_dir`` that :func:`bundle_custom_ops` rewrites, or
+    a TorqError naming what is missing (checked before the library is built)."""
+    if not Path(out_dir).is_dir():
+        raise TorqError(f"no export folder at {out_dir}")
+    config_path = Path(out_dir) / CONFIG_FILE
+    if not config_path.is_file():
+        raise TorqError(f"no {CONFIG_FILE} in {out_dir}: onnxruntime-genai runs exports of decoders with a KV cache")
+    return config_path
+
+
 def bundle_custom_ops(out_dir: Path, library: Path) -> Path:
     """Copy the compiled custom-op ``library`` into the export ``out_dir`` and name it in its
     genai config (the decoder's ``session_options.custom_ops_library``), so onnxruntime-genai
     runs the compiled ops instead of their function bodies. genai loads such a library only
     from inside the model folder, so it is copied rather than referenced. Both files are
     written atomically; returns the copy's path."""
-    config_path = Path(out_dir) / CONFIG_FILE
-    if not config_path.is_file():
-        raise TorqError(f"no {CONFIG_FILE} in {out_dir}: onnxruntime-genai runs exports of decoders with a KV cache")
+    config_path = bundle_config(out_dir)
     try:
         config = json.loads(config_path.read_text())
         session_options = config["model"]["decoder"]["session_options"]
