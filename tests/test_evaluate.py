@@ -174,6 +174,21 @@ def test_eval_cli_reference_metrics(exported, tmp_path):
     assert eval_json([str(outs["w4a4"])], tmp_path)["kl_divergence"] is None  # no reference, no KL
 
 
+def test_eval_names_a_bad_reference_before_any_work(exported, tmp_path, monkeypatch):
+    """A reference that is not a model is named before the text is tokenized or the scored
+    model loaded: a missing path, a file that is not ONNX, a .gguf that is not GGUF."""
+    from torq_onnx import models
+
+    root, outs = exported
+    monkeypatch.setattr(models, "load_tokenizer", lambda *a, **k: pytest.fail("tokenized despite a bad reference"))
+    (tmp_path / "ref.onnx").write_text("not a model")
+    (tmp_path / "ref.gguf").write_text("not a model")
+    for ref, message in ((tmp_path / "missing.onnx", "model not found"), (tmp_path / "ref.onnx", "is not a readable ONNX model"),
+                         (tmp_path / "ref.gguf", "is not a GGUF model")):
+        res = CliRunner().invoke(app, ["eval", str(outs["w4a4"]), "--reference", str(ref)])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()) and "Traceback" not in res.output, res.output
+
+
 def test_compare_methods_refuses_bad_window_options_before_any_work():
     """tools/compare_methods.py: a stride at or above --seq-len is a usage error, given before
     the model is converted (no traceback)."""

@@ -194,6 +194,7 @@ def test_exported_file_loads_with_one_call(tmp_path):
         (["export", "/nonexistent/model.onnx"], "model not found"),
         (["export", "__NOT_ONNX__"], "not a readable ONNX model"),
         (["export", "__EMPTY_ONNX__"], "not a readable ONNX model"),
+        (["export", "__NOT_GGUF__"], "is not a GGUF model (it does not begin with GGUF)"),
         (["export", "x", "--activations", "int8"], "--activations must be"),
         (["export", "x", "--method", "wush", "--output-guard"], "apply to --method torq only"),
         (["export", "x", "--method", "brq", "--inter-min-spread", "20"], "torq and torq-wush only"),
@@ -209,9 +210,13 @@ def test_cli_bad_input_messages(tmp_path, args, message):
         empty = tmp_path / "empty.onnx"
         empty.write_bytes(b"")
         args = [str(empty) if a == "__EMPTY_ONNX__" else a for a in args]
+    if "__NOT_GGUF__" in args:  # named by its first bytes, not by a conversion that fails deep inside
+        bad = tmp_path / "bad.gguf"
+        bad.write_text("this is not a GGUF file")
+        args = [str(bad) if a == "__NOT_GGUF__" else a for a in args]
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "o")] if args[0] == "export" else args)
     assert res.exit_code == 2
-    assert message in res.output
+    assert message in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert not (tmp_path / "o").exists()
 

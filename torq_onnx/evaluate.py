@@ -222,6 +222,8 @@ def evaluate_model(
     if not path.is_file():
         raise TorqError(f"no ONNX model at {path}")
     models.check_onnx_file(path)
+    if reference is not None:
+        models.check_source(reference)  # a wrong reference is named now, not after tokenizing and loading the model
     tokenizer = models.load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else models.find_tokenizer_dir(path))
     ids = evaluation_ids(tokenizer, text_path, max_tokens)
     session = load_session(path, providers=providers, custom_ops=custom_ops)

@@ -199,10 +199,15 @@ def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
     return work
 
 
-def resolve(model: str | None, dtype: str | None = None) -> SourceModel:
-    """MODEL argument -> an ONNX file (exporting HF folders and GGUF files, as ``dtype``,
-    default fp32); None means the embedded default. MODEL may also name a packaged model
-    (``PACKAGED``). An ONNX model keeps its own dtype."""
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+
+def check_source(model: str | None) -> Path:
+    """The path a MODEL argument names (None: the embedded default; a packaged model's name:
+    its file) once it is known to be a source :func:`resolve` can take, found without
+    converting anything: an HF folder (config.json), an export's folder or .onnx file (read
+    as ONNX, without its weights), or a .gguf file (by its magic bytes); else a TorqError
+    naming the problem."""
     if model is None or model in PACKAGED:
         model = str(PACKAGED[model or DEFAULT_MODEL].path())
     p = Path(model)
@@ -213,11 +218,26 @@ def resolve(model: str | None, dtype: str | None = None) -> SourceModel:
         )
     if p.is_dir():
         if (p / "config.json").is_file():
-            return export_hf(p, dtype=dtype or "fp32")
-        if (p / "model.onnx").is_file():
-            p = p / "model.onnx"
-        else:
+            return p
+        if not (p / "model.onnx").is_file():
             raise TorqError(f"{p} is a folder with neither config.json (HF model) nor model.onnx")
+        p = p / "model.onnx"
+    if p.suffix == ".gguf":
+        with open(p, "rb") as f:
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+                raise TorqError(f"{p} is not a GGUF model (it does not begin with {GGUF_MAGIC.decode()})")
+        return p
+    check_onnx_file(p)
+    return p
+
+
+def resolve(model: str | None, dtype: str | None = None) -> SourceModel:
+    """MODEL argument -> an ONNX file (exporting HF folders and GGUF files, as ``dtype``,
+    default fp32); None means the embedded default. MODEL may also name a packaged model
+    (``PACKAGED``). An ONNX model keeps its own dtype."""
+    p = check_source(model)
+    if p.is_dir():
+        return export_hf(p, dtype=dtype or "fp32")
     if p.suffix == ".gguf":
         hf = gguf_to_hf(p)
         try:
@@ -229,7 +249,6 @@ def resolve(model: str | None, dtype: str | None = None) -> SourceModel:
         return src
     if dtype is not None:
         raise TorqError(f"--dtype applies to HF and GGUF sources; the ONNX model {p} keeps its own dtype")
-    check_onnx_file(p)
     return SourceModel(p, find_tokenizer_dir(p))
 
 
