@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -151,7 +152,29 @@ def test_bad_text_and_tokenizer_paths_are_refused_before_the_model_is_loaded(tmp
     assert "text file not found" in invoke("export", "-o", str(tmp_path / "o"), "--text", str(tmp_path / "none.txt"))
     assert "text file is empty" in invoke("export", "-o", str(tmp_path / "o"), "--text", str(empty))
     assert "tokenizer folder not found" in invoke("export", "-o", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok"))
+    (tmp_path / "tok").mkdir()  # a folder, but no tokenizer in it
+    assert ("holds no tokenizer: a saved Hugging Face tokenizer has tokenizer.json or tokenizer_config.json"
+            in invoke("export", "-o", str(tmp_path / "o"), "--tokenizer", str(tmp_path / "tok")))
+    noise = tmp_path / "noise.txt"  # a binary file given as text would calibrate on noise
+    noise.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)))
+    assert "is not a UTF-8 text file" in invoke("export", "-o", str(tmp_path / "o"), "--text", str(noise))
     assert not (tmp_path / "o").exists()
+
+
+def test_text_with_a_few_stray_bytes_is_read_with_them_replaced(tmp_path):
+    """A Latin-1 byte or two in UTF-8 text is replaced and the text used; NUL bytes or more than
+    1% undecodable characters make it not text."""
+    from torq_onnx.text import load_text
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"caf\xe9 " + b"plain words of a calibration text. " * 20)
+    assert load_text(str(path)).startswith("caf\ufffd plain")
+    path.write_bytes(b"plain words\x00 of a calibration text. " * 20)
+    with pytest.raises(TorqError, match="holds NUL bytes"):
+        load_text(str(path))
+    path.write_bytes("caf\xe9 au lait, ".encode("latin-1") * 40)  # Latin-1, not UTF-8: 1 in 15 characters
+    with pytest.raises(TorqError, match=r"\(7% of it is not UTF-8\)"):
+        load_text(str(path))
 
 
 def test_a_missing_tokenizer_folder_is_named_not_taken_for_a_hub_id(tmp_path):

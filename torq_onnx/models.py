@@ -161,10 +161,18 @@ def export_hf(model_dir: Path, opset: int = MIN_OPSET, kv_cache: bool = True, dt
     return SourceModel(path, model_dir, [work])
 
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json")  # AutoTokenizer needs one of them
+
+
+def holds_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a saved Hugging Face tokenizer."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_MARKERS)
+
+
 def find_tokenizer_dir(model_path: Path) -> Path | None:
     """Tokenizer files next to an ONNX model (``torq-onnx export`` writes them to ``tokenizer/``)."""
     for cand in (model_path.parent / "tokenizer", model_path.parent):
-        if (cand / "tokenizer.json").exists() or (cand / "tokenizer_config.json").exists():
+        if holds_tokenizer(cand):
             return cand
     return None
 
@@ -282,6 +290,9 @@ def require_tokenizer_dir(tokenizer_dir: Path | None) -> Path:
         raise TorqError("no tokenizer found next to the model: pass --tokenizer DIR (a folder with tokenizer files)")
     if not Path(tokenizer_dir).is_dir():  # else transformers would read the path as a hub repo id
         raise TorqError(f"tokenizer folder not found: {tokenizer_dir}")
+    if not holds_tokenizer(tokenizer_dir):
+        raise TorqError(f"{tokenizer_dir} holds no tokenizer: a saved Hugging Face tokenizer has "
+                        f"{' or '.join(TOKENIZER_MARKERS)}")
     return tokenizer_dir
 
 

@@ -21,13 +21,25 @@ def split_corpus(text: str, holdout_fraction: float = 0.25) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+MAX_UNDECODABLE = 0.01  # a few stray bytes (a Latin-1 character) are replaced; more is not text
+
+
 def load_text(path: str | None) -> str:
+    """The text at ``path`` (None: :func:`builtin_corpus`), read as UTF-8; a TorqError for a
+    missing or empty file, and for one that is not text (NUL bytes, or more than
+    :data:`MAX_UNDECODABLE` of it undecodable), which would otherwise calibrate on noise."""
     if path is None:
         return builtin_corpus()
     p = Path(path)
     if not p.is_file():
         raise TorqError(f"text file not found: {p}")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    data = p.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")  # replacements made
+    nul = b"\x00" in data
+    if nul or bad > MAX_UNDECODABLE * max(len(text), 1):
+        what = f"{100 * bad / max(len(text), 1):.0f}% of it is not UTF-8" + (", and it holds NUL bytes" if nul else "")
+        raise TorqError(f"{p} is not a UTF-8 text file ({what}): give plain text")
     if not text.strip():
         raise TorqError(f"text file is empty: {p}")
     return text
