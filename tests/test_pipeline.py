@@ -306,6 +306,11 @@ def test_inspect_names_external_weight_files_and_their_sizes(tmp_path):
     ({"method": "brq", "solver_options": {"inter_min_spread": 20.0}}, "torq and torq-wush only"),
     ({"calib_sampels": 8}, "unknown export option"),
     ({"dtype": "bf16"}, "--dtype must be one of"),
+    ({"calib_samples": "8"}, "export option calib_samples must be int, got '8'"),  # not a TypeError deep inside
+    ({"seq_len": True}, "export option seq_len must be int, got True"),
+    ({"progress": "no"}, "export option progress must be bool, got 'no'"),
+    ({"reservoir_tokens": 2.5}, r"export option reservoir_tokens must be int or None, got 2.5"),
+    ({"solver_options": ["intra_refine"]}, "export option solver_options must be dict"),
 ])
 def test_the_python_export_checks_its_options_before_any_work(tmp_path, monkeypatch, options, message):
     import torq_onnx
@@ -315,6 +320,13 @@ def test_the_python_export_checks_its_options_before_any_work(tmp_path, monkeypa
     with pytest.raises(TorqError, match=message):
         torq_onnx.export("smollm2-135m", tmp_path / "o", **options)
     assert not (tmp_path / "o").exists()
+
+
+def test_options_of_numpy_types_are_accepted():
+    """A count computed with numpy is a count; every default passes its own type check."""
+    ExportOptions().validate()
+    ExportOptions(calib_samples=np.int64(8), seq_len=np.int32(64), progress=np.bool_(False), plot_site=3,
+                  reservoir_tokens=256, calib_sample_seed=1).validate()
 
 
 def test_the_cli_choices_are_the_formats_own():

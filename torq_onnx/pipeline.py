@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import numbers
 import resource
 import tempfile
 import time
+import types
+import typing
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +60,7 @@ class ExportOptions:
     reservoir_tokens: int | None = None  # per-site token sample; None: 2048 where the solver fits it, else 512 (report only)
     seed: int = 0
     progress: bool = True
-    plot_site: str | None = None  # site plotted next to report.json (default: most uneven blocks)
+    plot_site: str | int | None = None  # site plotted next to report.json, by name or index (default: most uneven blocks)
     solver_options: dict = field(default_factory=dict)  # torq.solve_rotation keywords, e.g. inter_block=False
     output_guard: bool = False  # torq: per site keep the lowest layer-output error of torq and its ablations / brq
     calib_sample_seed: int | None = None  # None: calibration windows evenly spread; else a random choice
@@ -70,6 +73,7 @@ class ExportOptions:
     def validate(self) -> None:
         """Raise a TorqError naming the first bad option, as ``torq-onnx export`` spells it;
         :func:`export` calls this before any work."""
+        self._check_types()
         for flag, value, allowed in (("--method", self.method, METHODS), ("--weights", self.weights, WEIGHT_MODES),
                                      ("--scale-rule", self.scale_rule, SCALE_RULES),
                                      ("--weight-rounding", self.weight_rounding, WEIGHT_ROUNDINGS)):
@@ -85,6 +89,17 @@ class ExportOptions:
         if self.method not in ("torq", "torq-wush") and self.solver_options.get("inter_min_spread", 0.0):
             raise TorqError(f"--inter-min-spread applies to --method torq and torq-wush only (got --method {self.method})")
 
+    def _check_types(self) -> None:
+        """Each field of the type it is declared with (the Python API takes any value; the CLI
+        has parsed them already), so that a ``calib_samples="8"`` is named here rather than
+        failing as a TypeError deep inside."""
+        hints = typing.get_type_hints(type(self), {"mxfp4": mxfp4})
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), _value_types(hints[f.name])
+            if not any(_is_a(value, t) for t in allowed):
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise TorqError(f"export option {f.name} must be {names}, got {value!r}")
+
     def reservoir_capacity(self) -> int:
         """Tokens kept per site: torq fits its intra-block rotation on them; the other methods
         only report statistics on them, and 512 tokens x D values is plenty for that."""
@@ -95,6 +110,31 @@ class ExportOptions:
     def needs_hessian(self) -> bool:
         """Whether calibration must collect each site's full D x D input moment."""
         return self.collect_hessian or self.method in torq.NEEDS_HESSIAN or (self.weight_rounding == "gptq" and self.weights != "float")
+
+
+def _value_types(hint) -> tuple[type, ...]:
+    """The runtime types a field's annotation allows: ``int | None`` -> (int, NoneType),
+    ``Literal["floor", ...]`` -> (str,), ``dict`` -> (dict,)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _value_types(arg))
+    if origin is typing.Literal:
+        return tuple({type(a) for a in typing.get_args(hint)})
+    return (origin or hint,)
+
+
+def _is_a(value, t: type) -> bool:
+    """``isinstance`` for an option's declared type, numpy scalars included (an ``np.int64``
+    count is an int), and a bool never a number (an option that counts something)."""
+    if t is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if t is int:
+        return isinstance(value, numbers.Integral)
+    if t is float:
+        return isinstance(value, numbers.Real)
+    return isinstance(value, t)
 
 
 def _bar(enabled: bool, desc: str, total: int | None = None):
