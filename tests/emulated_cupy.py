@@ -71,8 +71,8 @@ def module() -> types.ModuleType:
     cp.full = lambda shape, value, dtype=None: _device(np.full(shape, value, dtype))
     cp.eye = lambda n, dtype=None: _device(np.eye(n, dtype=dtype))
     cp.matmul = lambda a, b: _device(np.matmul(a, b))
-    # one device, so cuda.available() is True; its work is done when a launch returns
     cp.ndarray = _ndarray
+    # one device, so cuda.available() is True; its work is done when a launch returns
     device = types.SimpleNamespace(id=0, synchronize=lambda: None)
     runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"emulated CUDA device"})
     cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: device, UnownedMemory=_UnownedMemory,

@@ -222,15 +222,15 @@ def evaluate_model(
     if not path.is_file():
         raise TorqError(f"no ONNX model at {path}")
     models.check_onnx_file(path)
-    if reference is not None:
-        models.check_source(reference)  # a wrong reference is named now, not after tokenizing and loading the model
+    # a wrong reference is named now, not after tokenizing and loading the model
+    ref_path = models.check_source(reference) if reference is not None else None
     tokenizer = models.load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else models.find_tokenizer_dir(path))
     ids = evaluation_ids(tokenizer, text_path, max_tokens)
     session = load_session(path, providers=providers, custom_ops=custom_ops)
     bar = lambda it: tqdm(it, desc=f"eval {path.parent.name or path.name}", disable=not progress, leave=False)  # noqa: E731
     if reference is None:
         return perplexity(session, ids, seq_len, stride, progress=bar)
-    ref_src = models.resolve(reference)
+    ref_src = models.open_source(ref_path)
     try:
         ref = Reference(load_session(ref_src.onnx_path, providers=providers))
         return perplexity(session, ids, seq_len, stride, progress=bar, reference=ref)

@@ -243,7 +243,12 @@ def resolve(model: str | None, dtype: str | None = None) -> SourceModel:
     """MODEL argument -> an ONNX file (exporting HF folders and GGUF files, as ``dtype``,
     default fp32); None means the embedded default. MODEL may also name a packaged model
     (``PACKAGED``). An ONNX model keeps its own dtype."""
-    p = check_source(model)
+    return open_source(check_source(model), dtype)
+
+
+def open_source(p: Path, dtype: str | None = None) -> SourceModel:
+    """The source at ``p``, a path :func:`check_source` returned (so it is not read again), as
+    an ONNX file: HF folders and GGUF files exported as ``dtype`` (default fp32)."""
     if p.is_dir():
         return export_hf(p, dtype=dtype or "fp32")
     if p.suffix == ".gguf":

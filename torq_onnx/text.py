@@ -34,8 +34,11 @@ def load_text(path: str | None) -> str:
     if not p.is_file():
         raise TorqError(f"text file not found: {p}")
     data = p.read_bytes()
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")  # replacements made
+    try:
+        text, bad = data.decode("utf-8"), 0  # valid UTF-8: one decode
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")  # replacements made
     nul = b"\x00" in data
     if nul or bad > MAX_UNDECODABLE * max(len(text), 1):
         what = f"{100 * bad / max(len(text), 1):.0f}% of it is not UTF-8" + (", and it holds NUL bytes" if nul else "")
