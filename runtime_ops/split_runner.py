@@ -147,6 +147,7 @@ class SplitSession:
     synchronize after each segment, so a forward pass is queued without host waits and is
     synchronized once, when the outputs are copied to the host. ``kernel`` then takes and
     returns CuPy arrays (default: the fused kernel of :mod:`torq_onnx.runtime_ops.cuda`);
+    ``device_id`` picks the GPU, for ORT and CuPy alike (:func:`cuda_scope`);
     ``cuda_options`` are further CUDA execution provider options (e.g. ``{"use_tf32": "0"}``).
     ``sess_options`` apply to every segment (see :func:`many_session_options`);
     ``shared_arena``: the segments allocate from one arena (:func:`share_arena`; default:
@@ -228,8 +229,7 @@ class SplitSession:
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
         if not self.io_binding:
             return self._forward(output_names, dict(feeds))
-        # on CUDA, CuPy launches go to the stream ORT runs on
-        with self.stream if self.device == "cuda" else contextlib.nullcontext():
+        with cuda_scope(self.device_id, self.stream) if self.device == "cuda" else contextlib.nullcontext():
             values = {k: self._to_device(v) for k, v in feeds.items()}
             bound_outs = self._forward(output_names, values)
             if self.device == "cuda":
@@ -272,6 +272,17 @@ class SplitSession:
         import onnxruntime as ort
 
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+
+
+@contextlib.contextmanager
+def cuda_scope(device_id: int, stream):
+    """Where a CUDA split run's CuPy work goes: GPU ``device_id`` made CuPy's current device
+    (CuPy allocates, compiles and launches on the current one, and refuses to enter a stream
+    made on another), then ``stream``, the one ORT runs on, made CuPy's current stream."""
+    import cupy as cp
+
+    with cp.cuda.Device(device_id), stream:
+        yield
 
 
 def _read_model(path) -> onnx.ModelProto:

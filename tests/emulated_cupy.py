@@ -7,6 +7,7 @@ what stays GPU-only is the GPU's own execution of them and real device memory.""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import time
@@ -58,8 +59,62 @@ def _ndarray(shape, dtype=float, memptr: _MemoryPointer | None = None) -> Device
     return view
 
 
-def module() -> types.ModuleType:
-    """A ``cupy`` module with what cuda.py calls."""
+class _Devices:
+    """CuPy's current device, per module: ``Device(n)`` as a context makes GPU n current;
+    ``Device()`` is the current one."""
+
+    def __init__(self, count: int) -> None:
+        self.count, self.current = count, 0
+
+    def device(self, n: int | None = None) -> types.SimpleNamespace:
+        devices = self
+        n = self.current if n is None else int(n)
+        if not 0 <= n < self.count:
+            raise RuntimeError(f"cudaErrorInvalidDevice: invalid device ordinal {n}")
+
+        class Device(contextlib.AbstractContextManager):
+            id = n
+            compute_capability = "90"
+
+            def __enter__(self):
+                self.previous, devices.current = devices.current, n
+                return self
+
+            def __exit__(self, *exc) -> None:
+                devices.current = self.previous
+
+            def synchronize(self) -> None:  # its work is done when a launch returns
+                pass
+
+        return Device()
+
+    def stream(self, non_blocking: bool = False) -> "_Stream":
+        return _Stream(self)
+
+
+class _Stream(contextlib.AbstractContextManager):
+    """``cupy.cuda.Stream``: made on the current device, and entered (made CuPy's current
+    stream) only while that device is current: CuPy raises otherwise
+    (``check_stream_device_match`` in cupy/cuda/stream.pyx)."""
+
+    def __init__(self, devices: _Devices) -> None:
+        self.devices, self.device_id, self.ptr = devices, devices.current, id(self)
+
+    def __enter__(self):
+        if self.device_id != self.devices.current:
+            raise RuntimeError(f"The device that the stream is created on ({self.device_id}) "
+                               f"does not match with the current device ({self.devices.current})")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+def module(devices: int = 1) -> types.ModuleType:
+    """A ``cupy`` module with what cuda.py and the split runner call, with ``devices`` GPUs."""
     cp = types.ModuleType("cupy")
     cp.float32 = np.float32
     cp.nan = np.nan
@@ -72,10 +127,10 @@ def module() -> types.ModuleType:
     cp.eye = lambda n, dtype=None: _device(np.eye(n, dtype=dtype))
     cp.matmul = lambda a, b: _device(np.matmul(a, b))
     cp.ndarray = _ndarray
-    # one device, so cuda.available() is True; its work is done when a launch returns
-    device = types.SimpleNamespace(id=0, synchronize=lambda: None)
-    runtime = types.SimpleNamespace(getDeviceCount=lambda: 1, getDeviceProperties=lambda i: {"name": b"emulated CUDA device"})
-    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=lambda *a: device, UnownedMemory=_UnownedMemory,
+    # at least one device, so cuda.available() is True
+    gpus = _Devices(devices)
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: gpus.count, getDeviceProperties=lambda i: {"name": b"emulated CUDA device"})
+    cp.cuda = types.SimpleNamespace(runtime=runtime, Device=gpus.device, Stream=gpus.stream, UnownedMemory=_UnownedMemory,
                                     MemoryPointer=_MemoryPointer)
     return cp
 

@@ -152,6 +152,31 @@ def test_the_cupy_view_of_an_ortvalue_is_its_buffer(launches, dtype):
     assert value.numpy()[1, 2, 63] == 5
 
 
+def test_a_split_run_on_a_second_gpu_makes_it_current_for_cupy(harness, monkeypatch):
+    """SplitSession(device="cuda", device_id=1)'s CuPy work (the kernels' arrays, their
+    compilation and launches) goes to GPU 1 and its stream, which CuPy enters only while GPU 1
+    is current (an emulated CuPy with two GPUs, checking that as CuPy does): cuda_scope makes
+    it current for the run and restores the caller's device after, also when the run fails."""
+    cp = emulated_cupy.module(devices=2)
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    monkeypatch.setattr(cuda, "_kernel", emulated_cupy.kernels(harness))
+    with cp.cuda.Device(1):
+        stream = cp.cuda.Stream(non_blocking=True)  # as SplitSession makes it
+    with pytest.raises(RuntimeError, match="does not match with the current device"):
+        with stream:  # the stream alone, with GPU 0 current
+            pass
+    x, r_inter, r_intra = case(np.random.default_rng(3), 64, 2, False, rows=9)
+    site = split_runner.OnlineOp("x", "y", r_inter, r_intra, F.bump_threshold("floor"))
+    with split_runner.cuda_scope(1, stream):
+        assert cp.cuda.Device().id == 1
+        y = cupy_kernel(mix="fmaf")(cp.asarray(x), site).get()
+    assert cp.cuda.Device().id == 0
+    np.testing.assert_array_equal(y, cupy_kernel(mix="fmaf")(cp.asarray(x), site).get())  # GPU 0: the same kernels
+    with pytest.raises(ValueError), split_runner.cuda_scope(1, stream):
+        raise ValueError("a failed run")
+    assert cp.cuda.Device().id == 0
+
+
 def test_the_gpu_tests_of_the_cupy_route_pass_on_the_emulator(tmp_path):
     """``pytest -m gpu --emulated-cupy``: the GPU tests themselves, unchanged, with CuPy's device
     replaced by the emulator (ORT's CUDA EP taken away), so a change that breaks one fails
