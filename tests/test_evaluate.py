@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,7 @@ import pytest
 from tiny_models import VOCAB, char_tokenizer, tiny_transformer
 from typer.testing import CliRunner
 
-from torq_onnx import evaluate
+from torq_onnx import evaluate, text
 from torq_onnx.cli import app
 from torq_onnx.errors import TorqError
 
@@ -105,6 +108,56 @@ def test_eval_cli_same_code_for_float_and_exported(exported, tmp_path):
     # (the random tiny model is very confident and wrong: NLL ~ 240 nats, so compare NLL, not exp(NLL))
     assert rot_r["mean_nll"] == pytest.approx(float_r["mean_nll"], rel=1e-5)  # rotations alone are exact
     assert q_r["mean_nll"] != pytest.approx(float_r["mean_nll"], rel=1e-3)  # MXFP4 does change the model
+
+
+def test_export_and_eval_record_the_text_they_read(exported, tmp_path):
+    """report.json names the text the export calibrated on and eval's result the one it
+    scored: the built-in corpus with the Python it came from (each release edits it), its
+    SHA-256 and length; the same text, so no warning."""
+    _, outs = exported
+    corpus = text.builtin_corpus()
+    want = {"source": f"{text.BUILTIN_SOURCE} of Python {platform.python_version()}",
+            "sha256": hashlib.sha256(corpus.encode("utf-8")).hexdigest(), "characters": len(corpus)}
+    report = json.loads((outs["w4a4"] / "report.json").read_text())
+    assert report["calibration"]["text"] == {**want, "part": "first 75%"}
+    result = eval_json([str(outs["w4a4"])], tmp_path)
+    assert result["text"] == want and result["warnings"] == []
+    own = tmp_path / "own.txt"
+    own.write_text(corpus[:40_000], encoding="utf-8")
+    assert eval_json([str(outs["w4a4"]), "--text", str(own)], tmp_path)["text"]["source"] == str(own.resolve())
+
+
+def test_eval_warns_when_the_text_is_not_the_one_the_export_calibrated_on(exported, tmp_path):
+    """An export made under another Python (another built-in corpus) is scored with a warning
+    on stderr and in the JSON, as is one whose --text file changed since; an unrelated text
+    and an export that kept no record of its text are scored without one."""
+    _, outs = exported
+    folder = tmp_path / "export"
+    shutil.copytree(outs["w4a4"], folder)
+    report = json.loads((folder / "report.json").read_text())
+    other_python = {"source": f"{text.BUILTIN_SOURCE} of Python 3.99.0", "sha256": "0" * 64, "characters": 500_000, "part": "first 75%"}
+    report["calibration"]["text"] = other_python
+    (folder / "report.json").write_text(json.dumps(report))
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["eval", str(folder), "--seq-len", "64", "--stride", "32", "--max-tokens", "500", "--quiet",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert "warning: the text scored here is not the one this export calibrated on" in said and "Python 3.99.0" in said
+    (warning,) = json.loads(out.read_text())["warnings"]
+    assert "Python 3.99.0" in warning and f"Python {platform.python_version()}" in warning
+    scored = text.text_identity(None, text.builtin_corpus())
+    own = tmp_path / "own.txt"
+    own.write_text("some text", encoding="utf-8")
+    changed = {**text.text_identity(str(own), "the text as it was"), "part": "first 75%"}
+    for calibrated, here, warned in [(other_python, scored, True), (changed, text.text_identity(str(own), "some text"), True),
+                                     (changed, scored, False), ("builtin: CPython reference manual (pydoc_data), first 75%", scored, False),
+                                     ({**scored, "part": "first 75%"}, scored, False)]:
+        report["calibration"]["text"] = calibrated
+        (folder / "report.json").write_text(json.dumps(report))
+        assert (evaluate.calibration_mismatch(folder, here) is not None) == warned, (calibrated, here)
+    (folder / "report.json").unlink()  # not an export's folder
+    assert evaluate.calibration_mismatch(folder, scored) is None
 
 
 def test_export_writes_plots_next_to_report(exported):

@@ -35,6 +35,7 @@ from torq_onnx.atomic import write_text_atomic
 from torq_onnx.defaults import METHODS
 from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops import load_session
+from torq_onnx.text import load_text, text_identity
 
 MODE_LABEL = {"w4a4": "W4A4 (RTN weights)", "w4a4-gptq": "W4A4 (GPTQ weights)", "a4": "A4 only", "w4": "W4 only (RTN)",
               "w4-gptq": "W4 only (GPTQ)"}
@@ -267,7 +268,8 @@ def main() -> None:
 
     head = (f"Model: {args.model}; eval: {scorer.description}; "
             f"calibration: {n_windows}x{args.seq_len} tokens per seed, shared by all methods ({np.mean(calib_s):.0f} s); "
-            f"seeds: {args.seeds}; scale rule: {args.scale_rule}; machine: {platform.machine()}, {ort.get_device()} ONNX Runtime {ort.__version__}")
+            f"seeds: {args.seeds}; scale rule: {args.scale_rule}; machine: {platform.machine()}, {ort.get_device()} ONNX Runtime {ort.__version__}; "
+            f"text: {text_identity(args.text, load_text(args.text))['source']}")
     text = head + "\n\n" + table(rows, float_row, scorer)
     runs = [f"{name}-{modes[0]}-s{seeds[0]}" for name, _, _ in variants]
     for key, title in (("activation_quant_error", "activation MXFP4 error"), ("layer_output_error", "layer-output error")):

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from torq_onnx.defaults import (
@@ -74,7 +75,7 @@ def _device_option():
 def _fail(exc: Exception) -> None:
     """One line, exit 2. An OSError (disk full, no permission) prints as the system's own
     message with the file it names."""
-    err.print(f"[bold red]error:[/] {exc}")
+    err.print(f"[bold red]error:[/] {escape(str(exc))}")  # a path in it may hold [brackets]
     raise typer.Exit(2)
 
 
@@ -167,6 +168,8 @@ def eval_cmd(
     if res.kl_divergence is not None:
         Console().print(f"vs reference: mean KL [bold]{res.kl_divergence:.4f}[/] nats/token (p99 {res.kl_divergence_p99:.3f}), "
                         f"top-1 agreement [bold]{res.top1_agreement * 100:.2f}%[/]")
+    for warning in res.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 @app.command()

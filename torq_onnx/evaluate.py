@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,8 @@ class PerplexityResult:
     kl_divergence: float | None = None  # mean KL(P_ref || P) per scored token, nats
     kl_divergence_p99: float | None = None  # its 99th percentile over tokens
     top1_agreement: float | None = None  # fraction of tokens where both models' argmax agree
+    text: dict | None = None  # the text whose held-out part was scored (text.text_identity), when eval read one
+    warnings: list[str] = field(default_factory=list)  # what makes the score less than it seems
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -192,9 +195,32 @@ def perplexity(
 
 def evaluation_ids(tokenizer, text_path: str | None, max_tokens: int | None = None) -> np.ndarray:
     """Token ids of the held-out part of the text (the part export never calibrates on)."""
-    _, holdout = text.split_corpus(text.load_text(text_path))
-    ids = calib.tokenize(tokenizer, holdout)
-    return ids[:max_tokens] if max_tokens else ids
+    return evaluation_text(tokenizer, text_path, max_tokens)[0]
+
+
+def evaluation_text(tokenizer, text_path: str | None, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
+    """:func:`evaluation_ids` and the identity of the text they come from (:func:`text.text_identity`)."""
+    full = text.load_text(text_path)
+    ids = calib.tokenize(tokenizer, text.split_corpus(full)[1])
+    return (ids[:max_tokens] if max_tokens else ids), text.text_identity(text_path, full)
+
+
+def calibration_mismatch(model_dir: Path, scored: dict) -> str | None:
+    """A warning when ``scored`` (a text identity) is not the text the export in ``model_dir``
+    calibrated on although it names the same one (the built-in corpus of another Python, or
+    the same file since changed): its held-out part is then not the one that export set
+    aside, so the two can overlap. None where they agree, the texts are unrelated, or the
+    model carries no such record (not an export, or one from before exports kept it)."""
+    try:
+        calibrated = json.loads((model_dir / "report.json").read_text())["calibration"]["text"]
+        source, sha = calibrated["source"], calibrated["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if sha == scored["sha256"] or not text.same_origin(source, scored["source"]):
+        return None
+    return (f"the text scored here is not the one this export calibrated on ({source}, {calibrated.get('characters')} characters; "
+            f"here {scored['source']}, {scored['characters']} characters): its held-out part may overlap the calibration part, "
+            "and the score compares only with scores on this same text")
 
 
 def evaluate_model(
@@ -225,17 +251,21 @@ def evaluate_model(
     # a wrong reference is named now, not after tokenizing and loading the model
     ref_path = models.check_source(reference) if reference is not None else None
     tokenizer = models.load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else models.find_tokenizer_dir(path))
-    ids = evaluation_ids(tokenizer, text_path, max_tokens)
+    ids, scored = evaluation_text(tokenizer, text_path, max_tokens)
     session = load_session(path, providers=providers, custom_ops=custom_ops)
     bar = lambda it: tqdm(it, desc=f"eval {path.parent.name or path.name}", disable=not progress, leave=False)  # noqa: E731
     if reference is None:
-        return perplexity(session, ids, seq_len, stride, progress=bar)
-    ref_src = models.open_source(ref_path)
-    try:
-        ref = Reference(load_session(ref_src.onnx_path, providers=providers))
-        return perplexity(session, ids, seq_len, stride, progress=bar, reference=ref)
-    finally:
-        ref_src.cleanup()
+        res = perplexity(session, ids, seq_len, stride, progress=bar)
+    else:
+        ref_src = models.open_source(ref_path)
+        try:
+            ref = Reference(load_session(ref_src.onnx_path, providers=providers))
+            res = perplexity(session, ids, seq_len, stride, progress=bar, reference=ref)
+        finally:
+            ref_src.cleanup()
+    res.text = scored
+    res.warnings += filter(None, [calibration_mismatch(path.parent, scored)])
+    return res
 
 
 # ---------------------------------------------------------------- encoders (no logits)

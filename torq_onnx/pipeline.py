@@ -367,7 +367,8 @@ def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | 
         raise TorqError(f"--dtype must be one of {', '.join(SOURCE_DTYPES)}, got {dtype!r}")
     out_dir = check_out_dir(out_dir)
     refuse_inputs_inside(out_dir, {"the model": model, "--text": text_path, "--tokenizer": tokenizer_dir})
-    calib_text = calibration_text(text_path)
+    full_text = text.load_text(text_path)
+    calib_text, text_info = text.split_corpus(full_text)[0], text.text_identity(text_path, full_text)
     if tokenizer_dir is not None:
         models.require_tokenizer_dir(Path(tokenizer_dir))
     src = models.resolve(model, dtype)
@@ -386,8 +387,7 @@ def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | 
                 site.stats = None
             heap.trim()
             report["model"] = model_facts(model_ir, src.tokenizer_dir)
-            report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len,
-                                     "text": text_path or "builtin: CPython reference manual (pydoc_data), first 75%"}
+            report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len, "text": {**text_info, "part": "first 75%"}}
             return write_output(model_ir, out_dir, tokenizer_files, report, opts, src.tokenizer_dir)
     finally:
         src.cleanup()

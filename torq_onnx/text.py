@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import platform
 from pathlib import Path
 
 from torq_onnx.errors import TorqError
@@ -13,6 +15,24 @@ def builtin_corpus() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+BUILTIN_SOURCE = "builtin: CPython reference manual (pydoc_data)"
+
+
+def text_identity(text_path: str | None, full_text: str) -> dict:
+    """What a text is, for report.json and eval's results: its source (the file's absolute
+    path, or the built-in corpus with the Python it came from: each CPython release edits its
+    reference manual, so 3.11's and 3.12's built-in texts differ and so do scores on them),
+    the SHA-256 of its UTF-8 and its length in characters."""
+    source = str(Path(text_path).resolve()) if text_path is not None else f"{BUILTIN_SOURCE} of Python {platform.python_version()}"
+    return {"source": source, "sha256": hashlib.sha256(full_text.encode("utf-8")).hexdigest(), "characters": len(full_text)}
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Whether two text sources name the same text, as it may have been at another time: the
+    same file, or the built-in corpus of any Python."""
+    return a == b or (a.startswith(BUILTIN_SOURCE) and b.startswith(BUILTIN_SOURCE))
 
 
 def split_corpus(text: str, holdout_fraction: float = 0.25) -> tuple[str, str]:
