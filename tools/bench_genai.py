@@ -69,8 +69,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for out in args.exports:
             models = {"function body": og.Model(str(out)), "compiled lib": og.Model(str(with_library(out, Path(tmp))))}
-            # genai's tokenizer cannot read every tokenizer.json transformers writes (it returns
-            # -1 ids for the GGUF source's): the export's own tokenizer/ encodes the prompt
+            # the export's own tokenizer/ encodes the prompt: an export whose GGUF tokenizer was saved as
+            # transformers reads it, not by models.portable_tokenizer, holds one genai reads as -1 ids
             tokens = np.array(load_tokenizer(out / "tokenizer").encode(args.prompt), dtype=np.int32)
             runs = {name: [] for name in models}
             for name, model in models.items():  # warm-up

@@ -187,9 +187,37 @@ def _gguf_to_hf_worker(gguf: str, out_dir: str) -> None:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
             model.save_pretrained(out_dir)
-            tok.save_pretrained(out_dir)
+            portable_tokenizer(tok, model.config.eos_token_id).save_pretrained(out_dir)
     except Exception as exc:
         raise TorqError(f"could not read GGUF model {gguf}: {exc}") from None
+
+
+def portable_tokenizer(tok, eos_token_id: int | None):
+    """The tokenizer transformers reads from a GGUF file, remade so that every reader of the
+    saved folder tokenizes it alike. transformers 4 builds a LlamaTokenizerFast whatever the
+    GGUF's tokenizer is. For a GPT-2 byte-level BPE (SmolLM2's) that class name makes
+    transformers 5 rebuild it SentencePiece-style (other ids, and text that does not decode
+    back), and its decoder chain (ByteFallback, Fuse, Replace of '▁', ByteLevel) makes
+    onnxruntime-genai's tokenizer return ids of -1. So a byte-level tokenizer gets the plain
+    ByteLevel decoder, the same text for a vocabulary of byte-level tokens, and the folder
+    names the generic PreTrainedTokenizerFast, which every transformers builds from
+    tokenizer.json as it is: the same ids as before (tested on the built-in corpus).
+    ``eos_token_id``: the model's (its config holds the GGUF's); transformers' GGUF
+    tokenizer takes the BOS token for it, so generation would not stop at the end of a turn."""
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+
+    if not getattr(tok, "is_fast", False):
+        return tok
+    backend = tok.backend_tokenizer
+    if type(backend.pre_tokenizer).__name__ == "ByteLevel":
+        backend.decoder = decoders.ByteLevel()
+    with tempfile.TemporaryDirectory(prefix="torq-tok-") as folder:
+        tok.save_pretrained(folder)
+        generic = PreTrainedTokenizerFast.from_pretrained(folder)
+    if isinstance(eos_token_id, int) and 0 <= eos_token_id < len(generic):
+        generic.eos_token = generic.convert_ids_to_tokens(eos_token_id)
+    return generic
 
 
 def gguf_to_hf(gguf: Path) -> tempfile.TemporaryDirectory:
