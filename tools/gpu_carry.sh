@@ -30,13 +30,13 @@
 #   TORQ_VERIFY_CARRY=/tmp/carry TORQ_VERIFY_MODEL=/tmp/out/model.onnx \
 #   TORQ_VERIFY_STAGES="ops sanitizers split" bash tools/gpu_verify.sh
 # (bench_ops' ORT columns, compute-sanitizer, the split runner).
-# To rehearse the calls without a GPU: build the carry for this machine's Python
-# (GPU_PYTHON_VERSION=3.11), copy every part into one folder and run gpu_verify.sh there with
-# TORQ_VERIFY_DRY=1 TORQ_VERIFY_CARRY=DIR TORQ_VERIFY_EXPORT=/tmp/out.
-# On this project's 2-core machine (the rehearsal) the GPU tests on the kernel emulator take 1.3 min, the two
-# exports 5 min and the session stage 1.5 min per model for its CPU rows. Should the CUDA EP not find its kernels in the pruned provider
-# (a "no kernel image" error where an unpruned one runs), GPU_CARRY_ARCHS=all packs it whole,
-# in about six parts.
+# To rehearse the calls without a GPU: in an environment of the device's Python (3.12) and the image's
+# packages, copy every part into one folder and run gpu_verify.sh there with TORQ_VERIFY_DRY=1
+# TORQ_VERIFY_CARRY=DIR TORQ_VERIFY_EXPORT=/tmp/out (for another Python, build the carry with
+# GPU_PYTHON_VERSION=3.NN). On this project's 2-core machine the last call's stages take 7.3 min: the GPU
+# tests on the kernel emulator 1.1 min, then the two exports and the session stage's CPU rows.
+# Should the CUDA EP not find its kernels in the pruned provider (a "no kernel image" error where an
+# unpruned one runs), GPU_CARRY_ARCHS=all packs it whole, in about six parts.
 set -euo pipefail
 dest=${1:-.gpu-carry}
 python=${GPU_PYTHON_VERSION:-3.12}  # the device image's python3

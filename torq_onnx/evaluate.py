@@ -264,7 +264,9 @@ def evaluate_model(
         finally:
             ref_src.cleanup()
     res.text = scored
-    res.warnings += filter(None, [calibration_mismatch(path.parent, scored)])
+    mismatch = calibration_mismatch(path.parent, scored)
+    if mismatch is not None:
+        res.warnings.append(mismatch)
     return res
 
 
