@@ -341,9 +341,10 @@ def test_the_default_models_tokenizer_reads_alike_in_transformers_and_genai(floa
     """The packaged GGUF's tokenizer as an export saves it (models.portable_tokenizer): the
     ids transformers' own GGUF tokenizer gives on the whole built-in corpus, so calibration
     and eval are unchanged, and the same decoded text; the model's end-of-sequence token,
-    not the BOS that transformers takes for it; a folder naming the generic class, which
-    transformers 5 also builds from tokenizer.json as it is; and onnxruntime-genai's own
-    tokenizer, reading that folder, gives the same ids (it gave -1 for most of them)."""
+    not the BOS that transformers takes for it; no BOS added, as the GGUF says; a folder
+    naming the generic class, which transformers 5 also builds from tokenizer.json as it is;
+    and onnxruntime-genai's own tokenizer, reading that folder, gives the same ids (it gave
+    -1 for most of them)."""
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed beside this onnxruntime")
     from transformers import AutoConfig, AutoTokenizer
 
@@ -351,7 +352,8 @@ def test_the_default_models_tokenizer_reads_alike_in_transformers_and_genai(floa
     with models.third_party_quiet():
         raw = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         eos = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eos_token_id
-        portable = models.portable_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), eos)
+        add_bos = models.gguf_flag(gguf, "tokenizer.ggml.add_bos_token")
+        portable = models.portable_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name), eos, add_bos)
     corpus = text.builtin_corpus()
     want = calib.tokenize(raw, corpus)
     np.testing.assert_array_equal(calib.tokenize(portable, corpus), want)
@@ -359,10 +361,15 @@ def test_the_default_models_tokenizer_reads_alike_in_transformers_and_genai(floa
     for ids in (rng.integers(0, len(raw), 64).tolist() for _ in range(100)):
         assert portable.decode(ids) == raw.decode(ids)
     assert portable.eos_token_id == eos != raw.eos_token_id
+    assert add_bos is False and models.gguf_flag(gguf, "no.such.key") is None
+    line = "The capital of France is Paris."
+    assert raw(line)["input_ids"][0] == raw.bos_token_id  # transformers adds one anyway
+    assert portable(line)["input_ids"] == calib.tokenize(raw, line).tolist()
     folder = tmp_path / "genai"
     shutil.copytree(float_export, folder)  # a genai model folder (the tiny LLaMA); its tokenizer replaced
     portable.save_pretrained(folder)
-    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast" and saved["add_bos_token"] is False
     sample = corpus[-20_000:]
     np.testing.assert_array_equal(calib.tokenize(models.load_tokenizer(folder), sample), calib.tokenize(raw, sample))
     genai_ids = og.Tokenizer(og.Model(str(folder))).encode(sample)

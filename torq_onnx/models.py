@@ -187,12 +187,20 @@ def _gguf_to_hf_worker(gguf: str, out_dir: str) -> None:
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
             model.save_pretrained(out_dir)
-            portable_tokenizer(tok, model.config.eos_token_id).save_pretrained(out_dir)
+            portable_tokenizer(tok, model.config.eos_token_id, gguf_flag(path, "tokenizer.ggml.add_bos_token")).save_pretrained(out_dir)
     except Exception as exc:
         raise TorqError(f"could not read GGUF model {gguf}: {exc}") from None
 
 
-def portable_tokenizer(tok, eos_token_id: int | None):
+def gguf_flag(path: Path, key: str) -> bool | None:
+    """A boolean of a GGUF file's metadata, None where the file has no such key."""
+    import gguf
+
+    field = gguf.GGUFReader(str(path)).fields.get(key)
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+def portable_tokenizer(tok, eos_token_id: int | None, add_bos: bool | None = None):
     """The tokenizer transformers reads from a GGUF file, remade so that every reader of the
     saved folder tokenizes it alike. transformers 4 builds a LlamaTokenizerFast whatever the
     GGUF's tokenizer is. For a GPT-2 byte-level BPE (SmolLM2's) that class name makes
@@ -203,18 +211,24 @@ def portable_tokenizer(tok, eos_token_id: int | None):
     names the generic PreTrainedTokenizerFast, which every transformers builds from
     tokenizer.json as it is: the same ids as before (tested on the built-in corpus).
     ``eos_token_id``: the model's (its config holds the GGUF's); transformers' GGUF
-    tokenizer takes the BOS token for it, so generation would not stop at the end of a turn."""
-    from tokenizers import decoders
+    tokenizer takes the BOS token for it, so generation would not stop at the end of a turn.
+    ``add_bos``: the GGUF's ``tokenizer.ggml.add_bos_token``; where it is false, encoding with
+    special tokens adds no BOS, as the GGUF says (transformers' tokenizer adds one). The
+    project's own ids never hold special tokens, so they stay as they are."""
+    from tokenizers import decoders, processors
     from transformers import PreTrainedTokenizerFast
 
     if not getattr(tok, "is_fast", False):
         return tok
-    backend = tok.backend_tokenizer
-    if type(backend.pre_tokenizer).__name__ == "ByteLevel":
-        backend.decoder = decoders.ByteLevel()
     with tempfile.TemporaryDirectory(prefix="torq-tok-") as folder:
         tok.save_pretrained(folder)
         generic = PreTrainedTokenizerFast.from_pretrained(folder)
+    backend = generic.backend_tokenizer
+    if type(backend.pre_tokenizer).__name__ == "ByteLevel":
+        backend.decoder = decoders.ByteLevel()
+    if add_bos is False:
+        backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")
+        generic.init_kwargs["add_bos_token"] = False  # what the saved config says, for readers that act on it
     if isinstance(eos_token_id, int) and 0 <= eos_token_id < len(generic):
         generic.eos_token = generic.convert_ids_to_tokens(eos_token_id)
     return generic
