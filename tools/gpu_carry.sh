@@ -33,7 +33,7 @@
 # To rehearse the calls without a GPU: in an environment of the device's Python (3.12) and the image's
 # packages, copy every part into one folder and run gpu_verify.sh there with TORQ_VERIFY_DRY=1
 # TORQ_VERIFY_CARRY=DIR TORQ_VERIFY_EXPORT=/tmp/out (for another Python, build the carry with
-# GPU_PYTHON_VERSION=3.NN). On this project's 2-core machine the last call's stages take 7.3 min: the GPU
+# GPU_PYTHON_VERSION=3.NN). On this project's 2-core machine the last call's stages take 7 to 9 min: the GPU
 # tests on the kernel emulator 1.1 min, then the two exports and the session stage's CPU rows.
 # Should the CUDA EP not find its kernels in the pruned provider (a "no kernel image" error where an
 # unpruned one runs), GPU_CARRY_ARCHS=all packs it whole, in about six parts.
