@@ -66,7 +66,7 @@ class _Devices:
     def __init__(self, count: int) -> None:
         self.count, self.current = count, 0
 
-    def device(self, n: int | None = None) -> types.SimpleNamespace:
+    def device(self, n: int | None = None) -> contextlib.AbstractContextManager:
         devices = self
         n = self.current if n is None else int(n)
         if not 0 <= n < self.count:
