@@ -35,7 +35,7 @@ from torq_onnx.atomic import write_text_atomic
 from torq_onnx.defaults import METHODS
 from torq_onnx.errors import TorqError
 from torq_onnx.runtime_ops import load_session
-from torq_onnx.text import load_text, text_identity
+from torq_onnx.text import read_corpus
 
 MODE_LABEL = {"w4a4": "W4A4 (RTN weights)", "w4a4-gptq": "W4A4 (GPTQ weights)", "a4": "A4 only", "w4": "W4 only (RTN)",
               "w4-gptq": "W4 only (GPTQ)"}
@@ -245,6 +245,7 @@ def main() -> None:
         mode_options(m)
     seeds = [None if x == "none" else int(x) for x in args.seeds.split(",")]
     variants = variants_from(args, methods)
+    corpus = read_corpus(args.text)  # read once: calibration part and header
 
     t0 = time.perf_counter()
     src = models.resolve(args.model)
@@ -255,7 +256,7 @@ def main() -> None:
             tokenizer = models.load_tokenizer(src.tokenizer_dir)
             tokenizer.save_pretrained(tok_files)
             scorer = scorer_for(src.onnx_path, tokenizer, args)
-            calib_ids = calib.tokenize(tokenizer, pipeline.calibration_text(args.text))  # once: every seed draws from it
+            calib_ids = calib.tokenize(tokenizer, corpus.calibration)  # once: every seed draws from it
             float_row = {**scorer(src.onnx_path), "export_s": t_hf, "size_mb": src.onnx_path.stat().st_size / 2**20}
             print("float: " + " ".join(f"{k} {float_row[k]:{f}}" for k, f in zip(scorer.keys, scorer.formats)), flush=True)
             calib_s = []
@@ -269,7 +270,7 @@ def main() -> None:
     head = (f"Model: {args.model}; eval: {scorer.description}; "
             f"calibration: {n_windows}x{args.seq_len} tokens per seed, shared by all methods ({np.mean(calib_s):.0f} s); "
             f"seeds: {args.seeds}; scale rule: {args.scale_rule}; machine: {platform.machine()}, {ort.get_device()} ONNX Runtime {ort.__version__}; "
-            f"text: {text_identity(args.text, load_text(args.text))['source']}")
+            f"text: {corpus.identity['source']}")
     text = head + "\n\n" + table(rows, float_row, scorer)
     runs = [f"{name}-{modes[0]}-s{seeds[0]}" for name, _, _ in variants]
     for key, title in (("activation_quant_error", "activation MXFP4 error"), ("layer_output_error", "layer-output error")):

@@ -200,9 +200,9 @@ def evaluation_ids(tokenizer, text_path: str | None, max_tokens: int | None = No
 
 def evaluation_text(tokenizer, text_path: str | None, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
     """:func:`evaluation_ids` and the identity of the text they come from (:func:`text.text_identity`)."""
-    full = text.load_text(text_path)
-    ids = calib.tokenize(tokenizer, text.split_corpus(full)[1])
-    return (ids[:max_tokens] if max_tokens else ids), text.text_identity(text_path, full)
+    corpus = text.read_corpus(text_path)
+    ids = calib.tokenize(tokenizer, corpus.held_out)
+    return (ids[:max_tokens] if max_tokens else ids), corpus.identity
 
 
 def calibration_mismatch(model_dir: Path, scored: dict) -> str | None:
@@ -286,7 +286,7 @@ class FidelityResult:
 
 def evaluation_sentences(text_path: str | None, n: int = 256, min_chars: int = 40, max_chars: int = 400) -> list[str]:
     """Up to ``n`` sentences of the held-out text (never calibrated on), in order."""
-    _, holdout = text.split_corpus(text.load_text(text_path))
+    holdout = text.read_corpus(text_path).held_out
     parts = [" ".join(p.split()) for chunk in holdout.split("\n\n") for p in chunk.replace("\n", " ").split(". ")]
     picked = [p for p in parts if min_chars <= len(p) <= max_chars][:n]
     if not picked:

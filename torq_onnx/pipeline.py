@@ -247,7 +247,7 @@ def load_working_copy(path: Path, work_dir: Path) -> ir.Model:
 
 def calibration_text(text_path: str | None) -> str:
     """The calibration part of the text (the rest is held out for ``eval``)."""
-    return text.split_corpus(text.load_text(text_path))[0]
+    return text.read_corpus(text_path).calibration
 
 
 def calibration_windows(model_ir: ir.Model, ids: np.ndarray, opts: ExportOptions) -> list[dict[str, np.ndarray]]:
@@ -367,8 +367,7 @@ def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | 
         raise TorqError(f"--dtype must be one of {', '.join(SOURCE_DTYPES)}, got {dtype!r}")
     out_dir = check_out_dir(out_dir)
     refuse_inputs_inside(out_dir, {"the model": model, "--text": text_path, "--tokenizer": tokenizer_dir})
-    full_text = text.load_text(text_path)
-    calib_text, text_info = text.split_corpus(full_text)[0], text.text_identity(text_path, full_text)
+    corpus = text.read_corpus(text_path)
     if tokenizer_dir is not None:
         models.require_tokenizer_dir(Path(tokenizer_dir))
     src = models.resolve(model, dtype)
@@ -376,7 +375,7 @@ def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | 
         with tempfile.TemporaryDirectory(prefix="torq-work-") as work:
             t_export = time.perf_counter() - t0
             tokenizer_files = Path(work) / "tokenizer"
-            ids = models.tokenize_isolated(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir, calib_text, tokenizer_files)
+            ids = models.tokenize_isolated(Path(tokenizer_dir) if tokenizer_dir else src.tokenizer_dir, corpus.calibration, tokenizer_files)
             model_ir = load_working_copy(src.onnx_path, Path(work))
             batches = calibration_windows(model_ir, ids, opts)
             t1 = time.perf_counter()
@@ -387,7 +386,7 @@ def export(model: str | Path | None, out_dir: str | Path, opts: ExportOptions | 
                 site.stats = None
             heap.trim()
             report["model"] = model_facts(model_ir, src.tokenizer_dir)
-            report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len, "text": {**text_info, "part": "first 75%"}}
+            report["calibration"] = {"windows": len(batches), "seq_len": opts.seq_len, "text": {**corpus.identity, "part": "first 75%"}}
             return write_output(model_ir, out_dir, tokenizer_files, report, opts, src.tokenizer_dir)
     finally:
         src.cleanup()

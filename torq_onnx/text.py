@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 from torq_onnx.errors import TorqError
@@ -42,6 +43,23 @@ def split_corpus(text: str, holdout_fraction: float = 0.25) -> tuple[str, str]:
 
 
 MAX_UNDECODABLE = 0.01  # a few stray bytes (a Latin-1 character) are replaced; more is not text
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text as export and eval use it: its calibration and held-out parts (:func:`split_corpus`)
+    and what it is (:func:`text_identity`)."""
+
+    calibration: str
+    held_out: str
+    identity: dict
+
+
+def read_corpus(path: str | None) -> Corpus:
+    """The text at ``path`` (None: :func:`builtin_corpus`), read once, as a :class:`Corpus`."""
+    full = load_text(path)
+    calibration, held_out = split_corpus(full)
+    return Corpus(calibration, held_out, text_identity(path, full))
 
 
 def load_text(path: str | None) -> str:
